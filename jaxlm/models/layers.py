@@ -1,0 +1,155 @@
+"""Building blocks shared by every model: a dense layer with logical axes and optional LoRA,
+norms, embeddings and one attention kernel.
+
+Every parameter is created through `nn.with_logical_partitioning`, so `jax.eval_shape(model.init)`
+yields the logical axis names that `jaxlm.train.sharding` maps onto a mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxlm.models import lora as lora_lib
+
+Array = jax.Array
+Dtype = Any
+LoraSubtree = Mapping[str, Any] | None
+
+
+def sub(lora: LoraSubtree, name: str) -> LoraSubtree:
+    """The LoRA subtree of child module `name` (None when there is no adapter there)."""
+    if lora is None:
+        return None
+    return lora.get(name)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias) (+ scale * x @ A @ B when a LoRA subtree {'a', 'b'} is given).
+
+    The kernel is stored (in, out) with logical `axes`; LoRA leaves may carry a leading batch axis
+    (one adapter per example), see `lora.lora_delta`.
+    """
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(stddev=0.02)
+
+    @nn.compact
+    def __call__(self, x: Array, lora: LoraSubtree = None, lora_scale: float = 1.0) -> Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...d,df->...f", x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                (self.features,),
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        if lora is not None:
+            y = y + lora_lib.lora_delta(x, lora["a"], lora["b"], lora_scale).astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding table (vocab, embed); `attend` gives logits for a tied output head."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Callable = nn.initializers.normal(stddev=0.02)
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 (Llama, T5 layer norm)."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param(
+            "weight", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * weight.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Standard LayerNorm with weight and bias (BERT)."""
+
+    eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * weight + bias).astype(self.dtype)
+
+
+def mask_bias(mask: Array, dtype: Dtype = jnp.float32) -> Array:
+    """Boolean keep-mask -> additive bias (0 where kept, a large negative where masked).
+
+    A finite minimum (not -inf) keeps fully masked rows (left-padding queries) free of NaNs.
+    """
+    return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def dot_product_attention(
+    q_BxLxHxD: Array,
+    k_BxSxKxD: Array,
+    v_BxSxKxD: Array,
+    bias: Array,
+    scale: float,
+) -> Array:
+    """Multi-head attention with grouped KV heads (GQA): H query heads share K = H // G kv heads.
+
+    `bias` broadcasts to (B, H, L, S) and carries masks and relative-position terms.
+    Softmax runs in float32. Returns (B, L, H, D).
+    """
+    b, l, h, d = q_BxLxHxD.shape
+    kv_heads = k_BxSxKxD.shape[2]
+    groups = h // kv_heads
+    q = q_BxLxHxD.reshape(b, l, kv_heads, groups, d)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD).astype(jnp.float32) * scale
+    bias = jnp.broadcast_to(bias, (b, h, l, bias.shape[-1])).reshape(b, kv_heads, groups, l, -1)
+    probs = jax.nn.softmax(scores + bias.astype(jnp.float32), axis=-1).astype(v_BxSxKxD.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD)
+    return out.reshape(b, l, h, d)
