@@ -25,7 +25,6 @@ from jaxlm.checkpoints.tokenizer import Tokenizer
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str
-    architectures: tuple[str, ...]
     module: type[nn.Module]
     config_from_hf: Callable[[Mapping[str, Any]], Any]
     config_to_hf: Callable[[Any], dict[str, Any]]
@@ -39,7 +38,6 @@ def _llama() -> Family:
 
     return Family(
         "llama",
-        ("LlamaForCausalLM", "MistralForCausalLM"),
         llama.Llama,
         llama.config_from_hf,
         llama.config_to_hf,
@@ -54,7 +52,6 @@ def _t5() -> Family:
 
     return Family(
         "t5",
-        ("T5ForConditionalGeneration",),
         t5.T5,
         t5.config_from_hf,
         t5.config_to_hf,
@@ -69,7 +66,6 @@ def _bert() -> Family:
 
     return Family(
         "bert",
-        ("BertModel", "BertForMaskedLM", "BertForPreTraining"),
         bert.Bert,
         bert.config_from_hf,
         bert.config_to_hf,
@@ -79,6 +75,15 @@ def _bert() -> Family:
 
 
 FAMILIES: dict[str, Callable[[], Family]] = {"llama": _llama, "t5": _t5, "bert": _bert}
+# transformers `architectures` entry -> family (static, so dispatch imports only the family it needs).
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "T5ForConditionalGeneration": "t5",
+    "BertModel": "bert",
+    "BertForMaskedLM": "bert",
+    "BertForPreTraining": "bert",
+}
 
 # Installed weight packages: name -> (python package, file or directory inside it).
 WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
@@ -114,12 +119,11 @@ def family(name: str) -> Family:
 
 def family_for_architecture(architectures: list[str] | None, source: str) -> Family:
     for arch in architectures or []:
-        for name in FAMILIES:
-            fam = family(name)
-            if arch in fam.architectures:
-                return fam
-    known = sorted(a for n in FAMILIES for a in family(n).architectures)
-    raise CheckpointError(f"{source}: architectures={architectures!r} is not supported; supported: {known}")
+        if arch in ARCHITECTURES:
+            return family(ARCHITECTURES[arch])
+    raise CheckpointError(
+        f"{source}: architectures={architectures!r} is not supported; supported: {sorted(ARCHITECTURES)}"
+    )
 
 
 def abstract_params(family_name: str, config: Any) -> Any:

@@ -138,7 +138,8 @@ class LlamaBlock(nn.Module):
 class Llama(nn.Module):
     """Decoder-only LM. `model.apply({'params': base}, ids, mask, lora=...)` -> logits (B, L, V).
 
-    With `cache` (from `init_cache`) and `cache_index`, the tokens are written into cache slots
+    `output='hidden'` returns the final normed hidden states instead; `gather_index` (B,) keeps one
+    position per example before the vocab projection. With `cache` (from `init_cache`) and `cache_index`, the tokens are written into cache slots
     [cache_index, cache_index + L) and the updated cache is returned beside the logits.
     """
 
@@ -155,6 +156,7 @@ class Llama(nn.Module):
         cache: Cache | None = None,
         cache_index: Array | int = 0,
         output: str = "logits",
+        gather_index: Array | None = None,
     ):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -181,6 +183,8 @@ class Llama(nn.Module):
             if new_cache is not None:
                 new_cache[name] = layer_new
         x = RMSNorm(c.rms_norm_eps, dt, pdt, name="norm")(x)
+        if gather_index is not None:  # only these positions (B,) reach the vocab projection (prefill)
+            x = jnp.take_along_axis(x, gather_index[:, None, None], axis=1)
         if output == "hidden":
             result = x
         elif c.tie_word_embeddings:

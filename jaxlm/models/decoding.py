@@ -1,0 +1,123 @@
+"""Greedy decoding with a KV cache: one `lax.while_loop`, jitted once per (model, shapes, options).
+
+`greedy_loop` is model-agnostic: it takes the logits of the first new token and a `step` that feeds
+one token per example and returns the next logits. `llama_greedy` and `t5_greedy` supply prefill
+and step for each architecture. EOS ids stop an example (EOS not emitted); token-level stop
+sequences stop it with the sequence included (callers trim text at the stop string).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models.lora import LoraWeights
+
+Array = jax.Array
+
+
+def greedy_loop(
+    first_logits_BxV: Array,
+    step: Callable[[Array, Array, Any], tuple[Array, Any]],
+    state: Any,
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    stop_sequences: Sequence[Sequence[int]] = (),
+    pad_id: int = 0,
+) -> tuple[Array, Array]:
+    """Returns (tokens (B, max_new_tokens) padded with `pad_id`, lengths (B,)).
+
+    `lengths` counts generated tokens before EOS (stop-sequence tokens included).
+    """
+    batch = first_logits_BxV.shape[0]
+    prefix = max((len(s) for s in stop_sequences), default=0)
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+
+    def cond(carry):
+        t, _, _, _, done, _ = carry
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        t, logits, state, out, done, lengths = carry
+        token = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, prefix + t))
+        hit_eos = jnp.isin(token, eos)
+        hit_stop = jnp.zeros_like(done)
+        for seq in stop_sequences:
+            tail = jax.lax.dynamic_slice(out, (0, prefix + t + 1 - len(seq)), (batch, len(seq)))
+            hit_stop |= jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=-1)
+        newly = ~done & (hit_eos | hit_stop)
+        lengths = jnp.where(newly, jnp.where(hit_eos, t, t + 1), lengths)
+        done = done | newly
+        logits, state = step(token, t, state)
+        return t + 1, logits, state, out, done, lengths
+
+    out = jnp.full((batch, prefix + max_new_tokens), -1, jnp.int32)
+    carry = (
+        jnp.int32(0),
+        first_logits_BxV,
+        state,
+        out,
+        jnp.zeros((batch,), bool),
+        jnp.full((batch,), max_new_tokens, jnp.int32),
+    )
+    _, _, _, out, done, lengths = jax.lax.while_loop(cond, body, carry)
+    tokens = out[:, prefix:]
+    positions = jnp.arange(max_new_tokens)[None, :]
+    tokens = jnp.where(positions < lengths[:, None], tokens, pad_id)
+    return tokens, lengths
+
+
+def last_real_index(mask_BxL: Array) -> Array:
+    """Index of the last real token per row; right and left padding alike."""
+    length = mask_BxL.shape[1]
+    return length - 1 - jnp.argmax(mask_BxL[:, ::-1].astype(jnp.int32), axis=1)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "stop_sequences", "pad_id")
+)
+def llama_greedy(
+    model: Any,
+    params: Any,
+    input_ids: Array,
+    attention_mask: Array,
+    lora: LoraWeights | None = None,
+    *,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    stop_sequences: tuple[tuple[int, ...], ...] = (),
+    pad_id: int = 0,
+) -> tuple[Array, Array]:
+    """Greedy continuation of padded prompts (left or right padding) for a `Llama` module."""
+    from jaxlm.models.llama import init_cache
+
+    batch, length = input_ids.shape
+    mask = attention_mask.astype(bool)
+    cache = init_cache(model.config, batch, length + max_new_tokens)
+    last = last_real_index(mask)
+    logits, cache = model.apply(
+        {"params": params}, input_ids, mask, lora=lora, cache=cache, cache_index=0, gather_index=last
+    )
+    next_position = jnp.sum(mask, axis=1)
+
+    def step(token, t, cache):
+        logits, cache = model.apply(
+            {"params": params},
+            token[:, None],
+            jnp.ones((batch, 1), bool),
+            (next_position + t)[:, None],
+            lora=lora,
+            cache=cache,
+            cache_index=length + t,
+        )
+        return logits[:, 0], cache
+
+    return greedy_loop(
+        logits[:, 0], step, cache, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+        stop_sequences=stop_sequences, pad_id=pad_id,
+    )
