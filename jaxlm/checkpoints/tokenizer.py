@@ -109,6 +109,9 @@ class Tokenizer:
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (jaxlm reads fast tokenizers; save one with transformers)")
         backend = HFTokenizer.from_file(str(file))
+        # Some tokenizer.json files (MiniLM) store fixed padding/truncation; batching is ours to do.
+        backend.no_padding()
+        backend.no_truncation()
         cfg_file = path / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         model_config = model_config or {}

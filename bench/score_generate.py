@@ -1,0 +1,117 @@
+"""jaxlm vs transformers (PyTorch) on SmolLM2-135M-Instruct, same weights, prompts and batch, CPU.
+
+Prints tokens/s for both and the ratio, for scoring (teacher-forced log-probs of whole sequences)
+and for greedy generation (KV cache, a fixed number of new tokens, EOS disabled on both sides).
+Compilation is excluded for jaxlm (one warm-up call); each timing is the best of --repeats runs.
+
+    python bench/score_generate.py [--batch 8] [--new_tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import jaxlm
+from jaxlm.checkpoints.pretrained import resolve_path
+from jaxlm.eval.engine import Engine
+from jaxlm.models import decoding
+
+PROMPTS = [
+    "Definition: Classify the sentiment of the review as positive or negative.\n\nInput: The plot dragged, but the acting was superb.\nOutput:",
+    "Definition: Answer the question with a single number.\n\nInput: How many legs does a spider have?\nOutput:",
+    "Definition: Translate the sentence into French.\n\nInput: The weather is nice today and we are going to the beach.\nOutput:",
+    "Definition: Summarize the passage in one sentence.\n\nInput: The city council voted on Tuesday to expand the bike lane network, citing safety data and rising commuter demand.\nOutput:",
+    "Definition: Given a word, write its antonym.\n\nInput: generous\nOutput:",
+    "Definition: Decide whether the two sentences mean the same thing. Answer yes or no.\n\nInput: He bought a car. / He purchased an automobile.\nOutput:",
+    "Definition: Extract the name of the person mentioned in the text.\n\nInput: Yesterday Maria Lopez presented the quarterly results to the board.\nOutput:",
+    "Definition: Complete the sentence with a plausible ending.\n\nInput: After the storm passed, the children ran outside and\nOutput:",
+]
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    pre = jaxlm.load_pretrained("smollm2-135m-instruct")
+    tok = pre.tokenizer
+    path = resolve_path("smollm2-135m-instruct")
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    prompts = [tok.encode(p) for p in (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]]
+    width = max(map(len, prompts))
+    ids = np.array([[tok.pad_id] * (width - len(p)) + p for p in prompts], np.int32)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int32)
+    results = {"device": str(jax.devices()[0].platform), "torch_threads": torch.get_num_threads(), "batch": args.batch}
+
+    # ---- scoring: full sequences (prompt + a fixed continuation) teacher-forced
+    continuation = tok.encode(" The answer is given above, followed by a short explanation of the reasoning.")
+    examples = [(p, continuation) for p in prompts]
+    engine = Engine(pre, batch_size=args.batch)
+    engine.score(examples)  # compile
+    t_jax = best_of(lambda: engine.score(examples), args.repeats)
+    seqs = [p + continuation for p in prompts]
+    w = max(map(len, seqs))
+    s_ids = torch.tensor([s + [tok.pad_id] * (w - len(s)) for s in seqs])
+    s_mask = torch.tensor([[1] * len(s) + [0] * (w - len(s)) for s in seqs])
+
+    def hf_score():
+        with torch.no_grad():
+            logits = hf(input_ids=s_ids, attention_mask=s_mask).logits
+            lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, s_ids[:, 1:, None])[..., 0]
+            return (lp * s_mask[:, 1:]).sum(-1)
+
+    t_hf = best_of(hf_score, args.repeats)
+    n_score = int(s_mask.sum())
+    results["score_tokens_per_s"] = {"jaxlm": n_score / t_jax, "transformers": n_score / t_hf, "ratio": t_hf / t_jax}
+
+    # ---- greedy generation, exactly new_tokens per row
+    def jax_generate():
+        out, _ = decoding.llama_greedy(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask),
+                                       max_new_tokens=args.new_tokens, eos_ids=(), pad_id=tok.pad_id)
+        return np.asarray(out)
+
+    jax_out = jax_generate()  # compile
+    t_jax = best_of(jax_generate, args.repeats)
+
+    def hf_generate():
+        with torch.no_grad():
+            return hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                               eos_token_id=None, pad_token_id=tok.pad_id)
+
+    hf_out = hf_generate()[:, ids.shape[1]:].numpy()
+    t_hf = best_of(hf_generate, args.repeats)
+    n_gen = args.batch * args.new_tokens
+    results["generate_tokens_per_s"] = {"jaxlm": n_gen / t_jax, "transformers": n_gen / t_hf, "ratio": t_hf / t_jax}
+    results["generate_same_tokens_fraction"] = float((jax_out == hf_out).mean())
+
+    print(json.dumps(results, indent=2))
+    for key in ("score_tokens_per_s", "generate_tokens_per_s"):
+        r = results[key]
+        print(f"{key:24s} jaxlm {r['jaxlm']:9.1f}  transformers {r['transformers']:9.1f}  ratio {r['ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

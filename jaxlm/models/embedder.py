@@ -1,0 +1,101 @@
+"""Sentence embeddings from a BERT checkpoint (all-MiniLM-L6-v2), matching sentence-transformers:
+mean of the last hidden states over real tokens, then L2 normalisation.
+
+Used to compare task instructions (INSTA-style similarity) and to retrieve examples across tasks.
+Inputs are padded to a few length buckets and batch sizes, so the jitted encoder compiles a
+bounded number of times however many different text lengths it sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+
+Array = jax.Array
+
+MIN_BUCKET = 16
+
+
+def mean_pool(hidden: Array, mask: Array) -> Array:
+    """Mean of `hidden` (B, L, D) over positions where `mask` (B, L) is set; all-pad rows give 0."""
+    m = mask.astype(jnp.float32)[..., None]
+    return (hidden.astype(jnp.float32) * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """x / max(||x||, eps) along the last axis (torch.nn.functional.normalize)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def cosine_similarity_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, D) x (M, D) -> (N, M) cosine similarities (inputs need not be normalised)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def _bucket(n: int, cap: int, floor: int = 1) -> int:
+    """Smallest power of two >= max(n, floor), capped at `cap`."""
+    size = max(floor, 1 << max(0, n - 1).bit_length())
+    return min(size, cap)
+
+
+class SentenceEmbedder:
+    """`SentenceEmbedder(jaxlm.load_pretrained('all-minilm-l6-v2')).embed(texts)` -> (N, D) unit vectors."""
+
+    def __init__(self, pretrained: Any) -> None:
+        if pretrained.family != "bert":
+            raise ValueError(f"SentenceEmbedder needs a BERT checkpoint, got family {pretrained.family!r}")
+        if pretrained.tokenizer is None:
+            raise ValueError(f"{pretrained.source}: no tokenizer.json, cannot embed text")
+        self.config = pretrained.config
+        self.params = pretrained.params
+        self.pad_id = pretrained.tokenizer.pad_id if pretrained.tokenizer.pad_id is not None else 0
+        # A private copy: tokenizer.json may carry fixed padding/truncation (MiniLM's pads to 128),
+        # which we replace with our own buckets without touching the shared tokenizer.
+        self._backend = HFTokenizer.from_str(pretrained.tokenizer.backend.to_str())
+        self._backend.no_padding()
+        model = pretrained.model
+
+        def encode(params, ids, mask):
+            hidden = model.apply({"params": params}, ids, mask)
+            return l2_normalize(mean_pool(hidden, mask))
+
+        # One jit; its cache holds one executable per (batch, bucket) shape.
+        self._encode = jax.jit(encode)
+
+    def tokenize(self, texts: Sequence[str], max_length: int = 256) -> list[list[int]]:
+        """Token ids with [CLS] ... [SEP], truncated to `max_length` (sentence-transformers' max_seq_length)."""
+        max_length = min(max_length, self.config.max_position_embeddings)
+        self._backend.enable_truncation(max_length)
+        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=True)]
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32, max_length: int = 256) -> np.ndarray:
+        """(N, D) float32 L2-normalised mean-pooled embeddings, in the order of `texts`."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return np.zeros((0, self.config.hidden_size), np.float32)
+        ids = self.tokenize(texts, max_length)
+        order = np.argsort([-len(x) for x in ids], kind="stable")  # similar lengths share a batch
+        out = np.zeros((len(texts), self.config.hidden_size), np.float32)
+        cap = min(max_length, self.config.max_position_embeddings)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            length = _bucket(max(len(ids[i]) for i in rows), cap, MIN_BUCKET)
+            batch = _bucket(len(rows), batch_size)
+            tokens = np.full((batch, length), self.pad_id, np.int32)
+            mask = np.zeros((batch, length), np.int32)
+            for j, i in enumerate(rows):
+                tokens[j, : len(ids[i])], mask[j, : len(ids[i])] = ids[i], 1
+            out[rows] = np.asarray(self._encode(self.params, tokens, mask))[: len(rows)]
+        return out
+
+    @property
+    def num_compiled(self) -> int:
+        """How many shapes the encoder has been compiled for (bounded by batch x length buckets)."""
+        return self._encode._cache_size()
