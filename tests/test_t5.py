@@ -181,3 +181,21 @@ def test_export_roundtrip_loads_in_transformers(tiny, tmp_path):
     assert np.abs(_ours(pre, enc_ids, enc_mask, dec_ids) - ref).max() <= 1e-4
     again = jaxlm.load_pretrained(out)
     assert again.config == pre.config
+
+
+@pytest.mark.parametrize(
+    "fields, tie, scale",
+    [
+        ({"tie_word_embeddings": False, "feed_forward_proj": "gated-gelu"}, False, False),  # v1.1 / Flan (transformers 4)
+        ({}, True, True),  # original T5 config.json: no tie key, tied and scaled
+        ({"tie_word_embeddings": True, "scale_decoder_outputs": False}, False, False),  # v1.1 re-saved by transformers 5
+        ({"tie_word_embeddings": True, "scale_decoder_outputs": True}, True, True),
+    ],
+)
+def test_config_from_hf_tying(fields, tie, scale):
+    base = {"vocab_size": 10, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2}
+    c = t5.config_from_hf({**base, **fields})
+    assert (c.tie_word_embeddings, c.scale_decoder_outputs) == (tie, scale)
+    assert c.num_decoder_layers == 1 and c.decoder_start_token_id == 0 and c.eos_token_ids == (1,)
+    assert c.activation == ("gelu_new" if fields.get("feed_forward_proj") == "gated-gelu" else "relu")
+    assert t5.config_from_hf(t5.config_to_hf(c)) == c

@@ -66,7 +66,9 @@ class T5Config:
         if self.scale_decoder_outputs is None:
             object.__setattr__(self, "scale_decoder_outputs", self.tie_word_embeddings)
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r}: activation not supported ({sorted(ACTIVATIONS)})")
+            raise ValueError(
+                f"feed_forward_proj={self.feed_forward_proj!r}: activation not supported ({sorted(ACTIVATIONS)})"
+            )
 
     @property
     def is_gated(self) -> bool:
@@ -93,7 +95,8 @@ def _bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> n
     max_exact = num_buckets // 2
     n = np.arange(max_distance + 1)
     with np.errstate(divide="ignore"):
-        log_ratio = np.log(n.astype(np.float32) / np.float32(max_exact)) / np.float32(math.log(max_distance / max_exact))
+        log_ratio = np.log(n.astype(np.float32) / np.float32(max_exact))
+    log_ratio = log_ratio / np.float32(math.log(max_distance / max_exact))
     large = max_exact + np.nan_to_num(log_ratio * np.float32(num_buckets - max_exact), neginf=0.0).astype(np.int64)
     return np.where(n < max_exact, n, np.minimum(large, num_buckets - 1)).astype(np.int32)
 
@@ -167,8 +170,8 @@ class T5Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
         if self.has_relative_bias:
-            pos = RelativePositionBias(c, self.bidirectional, name="relative_attention_bias")(cache_index, l, k.shape[1])
-            bias = bias + pos
+            relpos = RelativePositionBias(c, self.bidirectional, name="relative_attention_bias")
+            bias = bias + relpos(cache_index, l, k.shape[1])
         out = dot_product_attention(q, k.astype(dt), v.astype(dt), bias, scale=1.0)
         o = dense("o", c.d_model, ("heads", "embed"), inner**-0.5)
         return o(out.reshape(b, l, inner), sub(lora, "o"), lora_scale), bias, {"k": k, "v": v}
@@ -209,11 +212,9 @@ class T5LayerAttention(nn.Module):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         h = RMSNorm(c.layer_norm_epsilon, dt, pdt, name="layer_norm")(x)
-        self_attention = kv_source is None
+        kv_source = h if kv_source is None else kv_source  # None: self-attention
         attn = T5Attention(c, self.has_relative_bias, self.bidirectional, name=self.attn_name)
-        h, bias, kv = attn(
-            h, h if self_attention else kv_source, bias, sub(lora, self.attn_name), lora_scale, layer_cache, cache_index, cross_kv
-        )
+        h, bias, kv = attn(h, kv_source, bias, sub(lora, self.attn_name), lora_scale, layer_cache, cache_index, cross_kv)
         return x + h, bias, kv
 
 
@@ -317,7 +318,9 @@ class T5(nn.Module):
             decoder_input_ids, hidden, encoder_attention_mask, lora=lora, decoder_attention_mask=decoder_attention_mask
         )
 
-    def encode(self, encoder_input_ids: Array, encoder_attention_mask: Array, *, lora: LoraWeights | None = None) -> Array:
+    def encode(
+        self, encoder_input_ids: Array, encoder_attention_mask: Array, *, lora: LoraWeights | None = None
+    ) -> Array:
         """Encoder hidden states (B, Le, d_model) after the final layer norm."""
         tree, scale = (lora.params, lora.scale) if lora is not None else (None, 1.0)
         mask = encoder_attention_mask.astype(bool)
@@ -354,9 +357,8 @@ class T5(nn.Module):
         causal = jnp.arange(kv_mask.shape[1])[None, :] <= query_slots[:, None]
         self_bias = mask_bias(kv_mask[:, None, None, :] & causal[None, None], jnp.float32)
         cross_bias = mask_bias(encoder_attention_mask.astype(bool)[:, None, None, :], jnp.float32)
-        x, new_cache = self.decoder(
-            self.shared(decoder_input_ids), self_bias, sub(tree, "decoder"), scale, encoder_hidden, cross_bias, cache, index
-        )
+        x = self.shared(decoder_input_ids)
+        x, new_cache = self.decoder(x, self_bias, sub(tree, "decoder"), scale, encoder_hidden, cross_bias, cache, index)
         if c.scale_decoder_outputs:
             x = x * (c.d_model**-0.5)
         if c.tie_word_embeddings:
