@@ -171,6 +171,9 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
         except KeyError as e:
             raise CheckpointError(f"{p / 'config.json'}: field {e.args[0]!r} is missing") from None
         tensors = hf.read_safetensors(p)
+        if not getattr(config, "tie_word_embeddings", True) and "lm_head.weight" not in tensors:
+            # transformers saves a tied head once (under the embedding): the file is the truth.
+            config = dataclasses.replace(config, tie_word_embeddings=True)
         tokenizer = Tokenizer.from_hf_dir(p, hf_config) if (p / "tokenizer.json").is_file() else None
     else:
         raise CheckpointError(f"{p}: expected a Hugging Face model directory or a .gguf file")

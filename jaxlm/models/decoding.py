@@ -121,3 +121,47 @@ def llama_greedy(
         logits[:, 0], step, cache, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
         stop_sequences=stop_sequences, pad_id=pad_id,
     )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "stop_sequences", "pad_id")
+)
+def t5_greedy(
+    model: Any,
+    params: Any,
+    input_ids: Array,
+    attention_mask: Array,
+    lora: LoraWeights | None = None,
+    *,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    stop_sequences: tuple[tuple[int, ...], ...] = (),
+    pad_id: int = 0,
+) -> tuple[Array, Array]:
+    """Greedy decoding for a `T5` module: encode once, then one cached decoder step per token.
+
+    The first step (decoder start token) runs before the loop because it also fills the cross-attention
+    keys/values into the cache, so the loop carry keeps one structure.
+    """
+    from jaxlm.models.t5 import init_cache
+
+    batch = input_ids.shape[0]
+    mask = attention_mask.astype(bool)
+    variables = {"params": params}
+    encoded = model.apply(variables, input_ids, mask, lora=lora, method="encode")
+    cache = init_cache(model.config, batch, max_new_tokens + 1)
+    start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
+    logits, cache = model.apply(
+        variables, start, encoded, mask, lora=lora, cache=cache, cache_index=0, method="decode"
+    )
+
+    def step(token, t, cache):
+        logits, cache = model.apply(
+            variables, token[:, None], encoded, mask, lora=lora, cache=cache, cache_index=t + 1, method="decode"
+        )
+        return logits[:, 0], cache
+
+    return greedy_loop(
+        logits[:, 0], step, cache, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+        stop_sequences=stop_sequences, pad_id=pad_id,
+    )
