@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import jaxlm
-from jaxlm.checkpoints.bert_weights import hf_name
-from jaxlm.checkpoints.pretrained import export_hf, resolve_path
+from jaxlm.checkpoints.pretrained import export_hf, family, resolve_path
 from jaxlm.models import embedder as emb
 from jaxlm.models import lora as lora_lib
 
 VOCAB = 100
+
+hf_name = family("bert").hf_name
 
 
 def _padded_batch():

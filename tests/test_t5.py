@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import jaxlm
-from jaxlm.checkpoints.pretrained import export_hf
-from jaxlm.checkpoints.t5_weights import hf_name
+from jaxlm.checkpoints.pretrained import export_hf, family
 from jaxlm.models import lora as lora_lib
 from jaxlm.models import t5
 
 VOCAB = 100
+
+hf_name = family("t5").hf_name
 
 
 def _tiny_t5_dir(path, kind: str, seed: int = 0):

@@ -1,7 +1,7 @@
 """Hugging Face directories: read and write `config.json` + `*.safetensors` (sharded or not).
 
-Name mapping between HF tensor names and our param paths lives in one place per family
-(`llama_weights`, `t5_weights`, `bert_weights`); this module only moves numpy arrays.
+Our module names mirror Hugging Face's, so one rule (`hf_tensor_name`) names every family's
+tensors; `convert_to_params` / `convert_from_params` move the arrays.
 """
 
 from __future__ import annotations
@@ -99,6 +99,25 @@ def write_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def hf_tensor_name(
+    path: tuple[str, ...], indexed: tuple[str, ...], prefix: str = "", unprefixed: tuple[str, ...] = ()
+) -> str:
+    """Our param path -> HF tensor name: `<c>_<i>` -> `<c>.<i>` for the indexed containers `indexed`
+    (e.g. `layers_3` -> `layers.3`; T5's `wi_0` is not one), `kernel`/`embedding` -> `weight`, and
+    `prefix` before every name whose first component is not in `unprefixed` (Llama's `lm_head`)."""
+    parts: list[str] = []
+    for key in path:
+        container, _, index = key.rpartition("_")
+        if container in indexed and index.isdigit():
+            parts += [container, index]
+        elif key in ("kernel", "embedding"):
+            parts.append("weight")
+        else:
+            parts.append(key)
+    name = ".".join(parts)
+    return name if path[0] in unprefixed else prefix + name
 
 
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

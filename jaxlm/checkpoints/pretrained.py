@@ -8,6 +8,7 @@ naming of its params, and the dummy inputs that `jax.eval_shape(model.init)` nee
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -33,7 +34,6 @@ class Family:
 
 
 def _llama() -> Family:
-    from jaxlm.checkpoints import llama_weights
     from jaxlm.models import llama
 
     return Family(
@@ -41,13 +41,12 @@ def _llama() -> Family:
         llama.Llama,
         llama.config_from_hf,
         llama.config_to_hf,
-        llama_weights.hf_name,
+        functools.partial(hf.hf_tensor_name, indexed=("layers",), prefix="model.", unprefixed=("lm_head",)),
         lambda c: (jnp.zeros((1, 1), jnp.int32),),
     )
 
 
 def _t5() -> Family:
-    from jaxlm.checkpoints import t5_weights
     from jaxlm.models import t5
 
     return Family(
@@ -55,13 +54,13 @@ def _t5() -> Family:
         t5.T5,
         t5.config_from_hf,
         t5.config_to_hf,
-        t5_weights.hf_name,
+        # HF's encoder/decoder.embed_tokens copies of `shared` map to no param: ignored on import.
+        functools.partial(hf.hf_tensor_name, indexed=("block", "layer")),
         lambda c: (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)),
     )
 
 
 def _bert() -> Family:
-    from jaxlm.checkpoints import bert_weights
     from jaxlm.models import bert
 
     return Family(
@@ -69,7 +68,7 @@ def _bert() -> Family:
         bert.Bert,
         bert.config_from_hf,
         bert.config_to_hf,
-        bert_weights.hf_name,
+        functools.partial(hf.hf_tensor_name, indexed=("layer",)),
         lambda c: (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)),
     )
 

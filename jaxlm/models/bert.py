@@ -1,7 +1,7 @@
 """BERT encoder (all-MiniLM-L6-v2 and other `BertModel` checkpoints) for sentence embeddings.
 
 Module names mirror transformers' BertModel (`encoder/layer_0/attention/self/query`), so the HF
-name mapping in `bert_weights` is mechanical. Post-LN blocks, absolute positions, no pooler
+name mapping (`checkpoints.hf.hf_tensor_name`) is mechanical. Post-LN blocks, absolute positions, no pooler
 (sentence embeddings mean-pool the last hidden states, see `jaxlm.models.embedder`).
 """
 

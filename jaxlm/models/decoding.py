@@ -72,15 +72,19 @@ def greedy_loop(
     return tokens, lengths
 
 
+# Greedy decoders compile once per (model, shapes, max_new_tokens, eos/stop ids, pad id).
+_jit_decoder = functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "stop_sequences", "pad_id")
+)
+
+
 def last_real_index(mask_BxL: Array) -> Array:
     """Index of the last real token per row; right and left padding alike."""
     length = mask_BxL.shape[1]
     return length - 1 - jnp.argmax(mask_BxL[:, ::-1].astype(jnp.int32), axis=1)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "stop_sequences", "pad_id")
-)
+@_jit_decoder
 def llama_greedy(
     model: Any,
     params: Any,
@@ -123,9 +127,7 @@ def llama_greedy(
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "stop_sequences", "pad_id")
-)
+@_jit_decoder
 def t5_greedy(
     model: Any,
     params: Any,

@@ -1,7 +1,7 @@
 """T5 encoder-decoder (original T5, T5 v1.1, LM-adapt, Flan-T5) matching transformers' T5ForConditionalGeneration.
 
 Pure Flax Linen; module names mirror the HF ones (`encoder/block_0/layer_0/SelfAttention/q`) so the
-weight mapping in `jaxlm.checkpoints.t5_weights` is mechanical. T5 specifics: unscaled attention,
+weight mapping (`checkpoints.hf.hf_tensor_name`) is mechanical. T5 specifics: unscaled attention,
 relative position buckets (bias computed in layer 0 of each stack, shared by every layer), RMS
 layer norm, one `shared` embedding for both stacks. The decoder's self-attention keys live in
 cache slots like `llama.py`; cross-attention keys/values are computed once and kept in the cache.
