@@ -65,6 +65,9 @@ def test_bad_inputs_name_the_file(tmp_path):
         jaxlm.load_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="no such file"):
         jaxlm.load_pretrained(tmp_path / "missing.gguf")
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="broken.gguf: not a readable GGUF"):
+        jaxlm.load_pretrained(tmp_path / "broken.gguf")
     (tmp_path / "adapter").mkdir()
     pre = jaxlm.load_pretrained(tiny_llama_dir(tmp_path / "src"))
     with pytest.raises(CheckpointError, match="adapter_config.json"):

@@ -8,7 +8,7 @@ import torch
 
 import jaxlm
 from jaxlm.models import decoding, lora as lora_lib
-from tests.hf_tiny import tiny_llama_dir
+from tests.hf_tiny import tiny_llama_dir, tiny_mistral_dir
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,32 @@ def test_batched_lora_gives_each_example_its_adapter(tiny):
         np.asarray(lora_lib.select(batched, 1).params["layers_0"]["self_attn"]["q_proj"]["a"]),
         np.asarray(adapters[1].params["layers_0"]["self_attn"]["q_proj"]["a"]),
     )
+
+
+def test_mistral_sliding_window_and_sharded_checkpoint(tmp_path):
+    from transformers import MistralForCausalLM
+
+    path = tiny_mistral_dir(tmp_path / "mistral", sliding_window=4)
+    assert (path / "model.safetensors.index.json").is_file()  # sharded checkpoint with an index
+    pre = jaxlm.load_pretrained(path)
+    assert (pre.config.sliding_window, pre.config.num_kv_heads) == (4, 1)
+    ids = np.random.default_rng(1).integers(3, 128, (2, 11))
+    with torch.no_grad():
+        ref = MistralForCausalLM.from_pretrained(path).eval()(input_ids=torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(pre.model.apply({"params": pre.params}, jnp.asarray(ids)))
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_bfloat16_compute_tracks_float32(tiny, tmp_path):
+    pre, _ = tiny
+    import dataclasses
+
+    bf16 = pre.model.__class__(dataclasses.replace(pre.config, dtype="bfloat16"))
+    ids, mask = _batch(False)
+    ref = np.asarray(pre.model.apply({"params": pre.params}, jnp.asarray(ids), jnp.asarray(mask)))
+    out = bf16.apply({"params": pre.params}, jnp.asarray(ids), jnp.asarray(mask))
+    assert out.dtype == jnp.float32  # logits are returned in float32 whatever the compute dtype
+    real = mask.astype(bool)
+    assert np.abs(np.asarray(out)[real] - ref[real]).max() < 0.05
+    toks, _ = decoding.llama_greedy(bf16, pre.params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=4, eos_ids=())
+    assert np.asarray(toks).shape == (3, 4)
