@@ -79,3 +79,21 @@ def test_greedy_batch_matches_transformers(smollm2, hf_smollm2):
                                  pad_token_id=tok.pad_id)[0, len(r):].tolist()
         ref = [t for t in ref if t not in tok.eos_ids and t != tok.pad_id]
         assert np.asarray(out)[i, : int(lengths[i])].tolist() == ref
+
+
+def test_export_gguf_model_to_hf_dir(smollm2, hf_smollm2, prompts, tmp_path):
+    """GGUF -> HF directory: transformers loads weights and tokenizer; same logits and ids as ours."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from jaxlm.checkpoints.pretrained import export_hf
+
+    out = export_hf(smollm2, tmp_path / "smollm2_hf")
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = smollm2.tokenizer.encode(prompts[0])
+    assert tok(prompts[0])["input_ids"] == ids
+    assert tok.eos_token == "<|im_end|>"
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.asarray(smollm2.model.apply({"params": smollm2.params}, jnp.asarray([ids])))[0]
+    assert np.abs(ref - ours).max() < 1e-3

@@ -7,7 +7,7 @@ axis (`data`, `fsdp`, `tensor`) each one is split over. Everything else derives 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -123,3 +123,15 @@ def shard_params(params: Any, logical_specs: Any, mesh: Mesh, rules=LOGICAL_RULE
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of a (batch, ...) input array: batch over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """Build params directly in their shardings (nothing large on one host): `jax.eval_shape` gives
+    the boxed shapes and logical axes, they give NamedShardings, `jax.jit(out_shardings=...)` runs init.
+
+    `init_fn()` returns the boxed param tree, e.g. `lambda: model.init(rng, *args)["params"]`.
+    """
+    abstract = jax.eval_shape(init_fn)
+    shardings = logical_sharding(param_logical_specs(abstract), nn.unbox(abstract), mesh, rules)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
