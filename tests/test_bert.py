@@ -164,4 +164,15 @@ def test_pooling_helpers():
     np.testing.assert_allclose(pooled[1], 0.0)
     unit = np.asarray(emb.l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]])))
     np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0]])
-    assert emb._bucket(1, 256, 16) == 16 and emb._bucket(17, 256, 16) == 32 and emb._bucket(300, 256, 16) == 256
+
+
+def test_length_buckets_are_bounded():
+    from jaxlm.buckets import bucket_length, pad_rows, powers_of_two
+
+    assert powers_of_two(256, 16) == (16, 32, 64, 128, 256) and powers_of_two(6) == (1, 2, 4, 6)
+    assert [bucket_length(n, powers_of_two(256, 16)) for n in (1, 17, 256)] == [16, 32, 256]
+    assert bucket_length(300, (16, 32)) == 320  # past the largest bucket: next multiple of it
+    ids, mask = pad_rows([[5, 6], [7]], 3, pad_id=0, left=True)
+    assert ids.tolist() == [[0, 5, 6], [0, 0, 7]] and mask.sum() == 3
+    with pytest.raises(ValueError, match="row 0 has 2 tokens"):
+        pad_rows([[1, 2]], 1, pad_id=0)

@@ -10,7 +10,8 @@ import pytest
 import jaxlm
 from jaxlm.checkpoints.peft import export_peft_adapter
 from jaxlm.cli import main
-from jaxlm.models import decoding, lora as lora_lib
+from jaxlm.models import decoding
+from jaxlm.models import lora as lora_lib
 from tests.hf_tiny import tiny_llama_dir
 
 ROWS = [

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import jaxlm
-from jaxlm.models import decoding, lora as lora_lib
+from jaxlm.models import decoding
+from jaxlm.models import lora as lora_lib
 from tests.hf_tiny import tiny_llama_dir, tiny_mistral_dir
 
 

@@ -4,15 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flax import linen as nn
-
 from jaxlm.checkpoints.pretrained import abstract_params, init_params
-from jaxlm.models.bert import BertConfig
-from jaxlm.models.t5 import T5Config
 from jaxlm.models import lora as lora_lib
+from jaxlm.models.bert import BertConfig
 from jaxlm.models.llama import LlamaConfig
+from jaxlm.models.t5 import T5Config
 from jaxlm.train import sharding
 
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)

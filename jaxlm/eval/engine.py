@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length, pad_rows
 from jaxlm.checkpoints.pretrained import Pretrained
 from jaxlm.models import decoding
 from jaxlm.models.lora import LoraWeights
-
-DEFAULT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 @dataclasses.dataclass
@@ -33,24 +32,6 @@ class ScoreResult:
 @dataclasses.dataclass
 class GenerateResult:
     output_ids: list[int]
-
-
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n; beyond the largest, the next multiple of it."""
-    for b in buckets:
-        if n <= b:
-            return b
-    top = buckets[-1]
-    return -(-n // top) * top
-
-
-def _pad(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for i, row in enumerate(rows):
-        sl = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, sl], mask[i, sl] = row, True
-    return ids, mask
 
 
 @functools.cache
@@ -83,7 +64,7 @@ class Engine:
 
     pretrained: Pretrained
     batch_size: int = 8
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS
     compiled_shapes: set = dataclasses.field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -135,7 +116,7 @@ class Engine:
         for batch in self._batches([len(a) + len(b) for a, b in seqs]):
             rows = self._fill([seqs[i][0] + seqs[i][1] for i in batch])
             width = bucket_length(max(map(len, rows)), self.buckets)
-            ids, mask = _pad(rows, width, self.pad_id, left=False)
+            ids, mask = pad_rows(rows, width, self.pad_id, left=False)
             target_mask = np.zeros_like(mask)
             for r, i in enumerate(batch):
                 n_in, n_t = len(seqs[i][0]), len(seqs[i][1])
@@ -157,8 +138,8 @@ class Engine:
             tgt_rows = self._fill([list(examples[i][1]) for i in batch])
             enc_w = bucket_length(max(map(len, enc_rows)), self.buckets)
             dec_w = bucket_length(max(map(len, tgt_rows)), self.buckets)
-            enc_ids, enc_mask = _pad(enc_rows, enc_w, self.pad_id, left=False)
-            targets, dec_mask = _pad(tgt_rows, dec_w, self.pad_id, left=False)
+            enc_ids, enc_mask = pad_rows(enc_rows, enc_w, self.pad_id, left=False)
+            targets, dec_mask = pad_rows(tgt_rows, dec_w, self.pad_id, left=False)
             dec_in = np.concatenate([np.full((len(tgt_rows), 1), start, np.int32), targets[:, :-1]], axis=1)
             self.compiled_shapes.add(("score", enc_ids.shape, dec_in.shape))
             lp = np.asarray(fn(self.pretrained.params, enc_ids, enc_mask, dec_in, dec_mask, targets, lora))
@@ -188,7 +169,7 @@ class Engine:
         for batch in self._batches([len(p) for p in prompts]):
             rows = self._fill([list(prompts[i]) for i in batch])
             width = bucket_length(max(map(len, rows)), self.buckets)
-            ids, mask = _pad(rows, width, self.pad_id, left=self.pretrained.family == "llama")
+            ids, mask = pad_rows(rows, width, self.pad_id, left=self.pretrained.family == "llama")
             self.compiled_shapes.add(("generate", ids.shape, max_new_tokens))
             fn = decoding.llama_greedy if self.pretrained.family == "llama" else decoding.t5_greedy
             out, lengths = fn(

@@ -8,25 +8,16 @@ name mapping (`checkpoints.hf.hf_tensor_name`) is mechanical. Post-LN blocks, ab
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.models.layers import Dense, Embed, LayerNorm, dot_product_attention, mask_bias, sub
+from jaxlm.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, dot_product_attention, mask_bias, sub
 from jaxlm.models.lora import LoraWeights
 
 Array = jax.Array
-
-# transformers ACT2FN names -> functions ("gelu" is the exact erf form).
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:

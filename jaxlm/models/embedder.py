@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
+from jaxlm.buckets import bucket_length, pad_rows, powers_of_two
+
 Array = jax.Array
 
 MIN_BUCKET = 16
@@ -39,12 +41,6 @@ def cosine_similarity_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a @ b.T
 
 
-def _bucket(n: int, cap: int, floor: int = 1) -> int:
-    """Smallest power of two >= max(n, floor), capped at `cap`."""
-    size = max(floor, 1 << max(0, n - 1).bit_length())
-    return min(size, cap)
-
-
 class SentenceEmbedder:
     """`SentenceEmbedder(jaxlm.load_pretrained('all-minilm-l6-v2')).embed(texts)` -> (N, D) unit vectors."""
 
@@ -56,10 +52,8 @@ class SentenceEmbedder:
         self.config = pretrained.config
         self.params = pretrained.params
         self.pad_id = pretrained.tokenizer.pad_id if pretrained.tokenizer.pad_id is not None else 0
-        # A private copy: tokenizer.json may carry fixed padding/truncation (MiniLM's pads to 128),
-        # which we replace with our own buckets without touching the shared tokenizer.
+        # A private copy: `tokenize` sets truncation on it without touching the shared tokenizer.
         self._backend = HFTokenizer.from_str(pretrained.tokenizer.backend.to_str())
-        self._backend.no_padding()
         model = pretrained.model
 
         def encode(params, ids, mask):
@@ -86,12 +80,9 @@ class SentenceEmbedder:
         cap = min(max_length, self.config.max_position_embeddings)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            length = _bucket(max(len(ids[i]) for i in rows), cap, MIN_BUCKET)
-            batch = _bucket(len(rows), batch_size)
-            tokens = np.full((batch, length), self.pad_id, np.int32)
-            mask = np.zeros((batch, length), np.int32)
-            for j, i in enumerate(rows):
-                tokens[j, : len(ids[i])], mask[j, : len(ids[i])] = ids[i], 1
+            length = bucket_length(max(len(ids[i]) for i in rows), powers_of_two(cap, MIN_BUCKET))
+            batch = bucket_length(len(rows), powers_of_two(batch_size))
+            tokens, mask = pad_rows([ids[i] for i in rows] + [[]] * (batch - len(rows)), length, self.pad_id)
             out[rows] = np.asarray(self._encode(self.params, tokens, mask))[: len(rows)]
         return out
 

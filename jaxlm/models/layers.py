@@ -20,6 +20,17 @@ Dtype = Any
 LoraSubtree = Mapping[str, Any] | None
 
 
+# transformers ACT2FN names -> functions ("gelu" is the exact erf form, "gelu_new" the tanh one).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
 def sub(lora: LoraSubtree, name: str) -> LoraSubtree:
     """The LoRA subtree of child module `name` (None when there is no adapter there)."""
     if lora is None:

@@ -11,28 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxlm.models.layers import Dense, Embed, RMSNorm, dot_product_attention, mask_bias, sub
+from jaxlm.models.layers import ACTIVATIONS, Dense, Embed, RMSNorm, dot_product_attention, mask_bias, sub
 from jaxlm.models.lora import LoraWeights
 
 Array = jax.Array
 Cache = dict[str, Any]
 
-# HF `dense_act_fn` names; 'gated-gelu' means gelu_new (tanh approximation) for backward compatibility.
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +67,7 @@ class T5Config:
 
     @property
     def activation(self) -> str:
+        """ACTIVATIONS key; 'gated-gelu' means gelu_new (tanh) for backward compatibility, as in HF."""
         if self.feed_forward_proj == "gated-gelu":
             return "gelu_new"
         return self.feed_forward_proj.split("-")[-1]
