@@ -34,14 +34,21 @@ class GenerateResult:
     output_ids: list[int]
 
 
+def token_logprobs(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """log p(target) = logit[target] - logsumexp(logits), without a (B, L, V) log-softmax array."""
+    logits = logits_BxLxV.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 @functools.cache
 def _decoder_only_scorer(model: Any):
     @jax.jit
-    def score(params, ids, mask, target_mask, lora):
-        logits = model.apply({"params": params}, ids, mask, lora=lora)
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        token_lp = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        return jnp.where(target_mask[:, 1:], token_lp, 0.0)
+    def score(params, ids, mask, predict_at, valid, lora):
+        # Only the positions that predict a target token reach the vocab projection.
+        logits = model.apply({"params": params}, ids, mask, lora=lora, gather_index=predict_at)
+        targets = jnp.take_along_axis(ids, predict_at + 1, axis=1)
+        return jnp.where(valid, token_logprobs(logits, targets), 0.0)
 
     return score
 
@@ -51,9 +58,7 @@ def _encoder_decoder_scorer(model: Any):
     @jax.jit
     def score(params, enc_ids, enc_mask, dec_in, dec_mask, targets, lora):
         logits = model.apply({"params": params}, enc_ids, enc_mask, dec_in, dec_mask, lora=lora)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        return jnp.where(dec_mask, token_lp, 0.0)
+        return jnp.where(dec_mask, token_logprobs(logits, targets), 0.0)
 
     return score
 
@@ -114,19 +119,21 @@ class Engine:
         fn = _decoder_only_scorer(self.model)
         results: list[ScoreResult | None] = [None] * len(seqs)
         for batch in self._batches([len(a) + len(b) for a, b in seqs]):
-            rows = self._fill([seqs[i][0] + seqs[i][1] for i in batch])
-            width = bucket_length(max(map(len, rows)), self.buckets)
-            ids, mask = pad_rows(rows, width, self.pad_id, left=False)
-            target_mask = np.zeros_like(mask)
+            pairs = self._fill([seqs[i] for i in batch])
+            width = bucket_length(max(len(a) + len(b) for a, b in pairs), self.buckets)
+            ids, mask = pad_rows([a + b for a, b in pairs], width, self.pad_id, left=False)
+            n_targets = bucket_length(max(len(b) for _, b in pairs), self.buckets)
+            # Position n_in - 1 + j predicts target token j; past a row's end, repeat a valid index.
+            steps = np.arange(n_targets)[None, :]
+            n_in = np.array([len(a) for a, _ in pairs])[:, None]
+            n_t = np.array([len(b) for _, b in pairs])[:, None]
+            valid = steps < n_t
+            predict_at = np.where(valid, n_in - 1 + steps, n_in - 1).astype(np.int32)
+            self.compiled_shapes.add(("score", ids.shape, n_targets))
+            lp = np.asarray(fn(self.pretrained.params, ids, mask, predict_at, valid, lora))
             for r, i in enumerate(batch):
-                n_in, n_t = len(seqs[i][0]), len(seqs[i][1])
-                target_mask[r, n_in : n_in + n_t] = True
-            self.compiled_shapes.add(("score", ids.shape))
-            lp = np.asarray(fn(self.pretrained.params, ids, mask, target_mask, lora))
-            for r, i in enumerate(batch):
-                n_in, n_t = len(seqs[i][0]), len(seqs[i][1])
-                tok_lp = lp[r, n_in - 1 : n_in - 1 + n_t].tolist()
-                results[i] = ScoreResult(float(np.sum(tok_lp)), n_t, tok_lp)
+                tok_lp = lp[r, : len(seqs[i][1])].tolist()
+                results[i] = ScoreResult(float(np.sum(tok_lp)), len(seqs[i][1]), tok_lp)
         return results  # type: ignore[return-value]
 
     def _score_encoder_decoder(self, examples, lora) -> list[ScoreResult]:

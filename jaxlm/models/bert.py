@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, dot_product_attention, mask_bias, sub
+from jaxlm.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, dot_product_attention, heads_major, mask_bias, sub
 from jaxlm.models.lora import LoraWeights
 
 Array = jax.Array
@@ -79,7 +79,8 @@ class BertSelfAttention(nn.Module):
         heads = lambda n: _dense(c, n, c.hidden_size, ("embed", "heads"))(x, sub(lora, n), lora_scale).reshape(
             b, l, c.num_heads, c.head_dim
         )
-        out = dot_product_attention(heads("query"), heads("key"), heads("value"), bias, scale=c.head_dim**-0.5)
+        k, v = heads_major(heads("key")), heads_major(heads("value"))
+        out = dot_product_attention(heads("query"), k, v, bias, scale=c.head_dim**-0.5)
         return out.reshape(b, l, c.hidden_size)
 
 

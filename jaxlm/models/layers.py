@@ -143,24 +143,31 @@ def mask_bias(mask: Array, dtype: Dtype = jnp.float32) -> Array:
     return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
+def heads_major(x_BxLxKxD: Array) -> Array:
+    """(B, L, K, D) -> (B, K, L, D): the key/value (and KV-cache) layout `dot_product_attention` takes."""
+    return x_BxLxKxD.transpose(0, 2, 1, 3)
+
+
 def dot_product_attention(
     q_BxLxHxD: Array,
-    k_BxSxKxD: Array,
-    v_BxSxKxD: Array,
+    k_BxKxSxD: Array,
+    v_BxKxSxD: Array,
     bias: Array,
     scale: float,
 ) -> Array:
     """Multi-head attention with grouped KV heads (GQA): H query heads share K = H // G kv heads.
 
+    Keys and values are heads-major (B, K, S, D) so that both dots take (batch, kv head) as leading
+    batch dims and a long KV cache is never transposed: in decoding only the L new queries move.
     `bias` broadcasts to (B, H, L, S) and carries masks and relative-position terms.
     Softmax runs in float32. Returns (B, L, H, D).
     """
     b, l, h, d = q_BxLxHxD.shape
-    kv_heads = k_BxSxKxD.shape[2]
+    kv_heads = k_BxKxSxD.shape[1]
     groups = h // kv_heads
-    q = q_BxLxHxD.reshape(b, l, kv_heads, groups, d)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD).astype(jnp.float32) * scale
-    bias = jnp.broadcast_to(bias, (b, h, l, bias.shape[-1])).reshape(b, kv_heads, groups, l, -1)
-    probs = jax.nn.softmax(scores + bias.astype(jnp.float32), axis=-1).astype(v_BxSxKxD.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD)
-    return out.reshape(b, l, h, d)
+    q = q_BxLxHxD.reshape(b, l, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * l, d)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_BxKxSxD).astype(jnp.float32) * scale
+    bias = jnp.broadcast_to(bias, (b, h, l, bias.shape[-1])).reshape(b, kv_heads, groups * l, -1)
+    probs = jax.nn.softmax(scores + bias.astype(jnp.float32), axis=-1).astype(v_BxKxSxD.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v_BxKxSxD)
+    return out.reshape(b, kv_heads, groups, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)

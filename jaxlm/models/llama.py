@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.models.layers import Dense, Embed, RMSNorm, dot_product_attention, mask_bias, sub
+from jaxlm.models.layers import Dense, Embed, RMSNorm, dot_product_attention, heads_major, mask_bias, sub
 from jaxlm.models.lora import LoraWeights
 
 Array = jax.Array
@@ -93,12 +93,12 @@ class LlamaAttention(nn.Module):
         k = dense("k_proj", c.num_kv_heads * hd, ("embed", "kv"))(x, sub(lora, "k_proj"), lora_scale)
         v = dense("v_proj", c.num_kv_heads * hd, ("embed", "kv"))(x, sub(lora, "v_proj"), lora_scale)
         q = rope(q.reshape(b, l, c.num_heads, hd), positions, c.rope_theta)
-        k = rope(k.reshape(b, l, c.num_kv_heads, hd), positions, c.rope_theta)
-        v = v.reshape(b, l, c.num_kv_heads, hd)
+        k = heads_major(rope(k.reshape(b, l, c.num_kv_heads, hd), positions, c.rope_theta))
+        v = heads_major(v.reshape(b, l, c.num_kv_heads, hd))
         new_cache = None
         if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, 0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, 0, cache_index, 0))
             new_cache = {"k": k, "v": v}
         out = dot_product_attention(q, k.astype(dt), v.astype(dt), bias, scale=hd**-0.5)
         out = dense("o_proj", c.hidden_size, ("heads", "embed"))(out.reshape(b, l, -1), sub(lora, "o_proj"), lora_scale)
@@ -138,8 +138,8 @@ class LlamaBlock(nn.Module):
 class Llama(nn.Module):
     """Decoder-only LM. `model.apply({'params': base}, ids, mask, lora=...)` -> logits (B, L, V).
 
-    `output='hidden'` returns the final normed hidden states instead; `gather_index` (B,) keeps one
-    position per example before the vocab projection. With `cache` (from `init_cache`) and `cache_index`, the tokens are written into cache slots
+    `output='hidden'` returns the final normed hidden states instead; `gather_index` (B,) or (B, T)
+    keeps only those positions before the vocab projection (prefill, scoring short targets). With `cache` (from `init_cache`) and `cache_index`, the tokens are written into cache slots
     [cache_index, cache_index + L) and the updated cache is returned beside the logits.
     """
 
@@ -183,8 +183,9 @@ class Llama(nn.Module):
             if new_cache is not None:
                 new_cache[name] = layer_new
         x = RMSNorm(c.rms_norm_eps, dt, pdt, name="norm")(x)
-        if gather_index is not None:  # only these positions (B,) reach the vocab projection (prefill)
-            x = jnp.take_along_axis(x, gather_index[:, None, None], axis=1)
+        if gather_index is not None:  # only these positions, (B,) or (B, T), reach the vocab projection
+            index = gather_index[:, None] if gather_index.ndim == 1 else gather_index
+            x = jnp.take_along_axis(x, index[:, :, None], axis=1)
         if output == "hidden":
             result = x
         elif c.tie_word_embeddings:
@@ -198,9 +199,9 @@ class Llama(nn.Module):
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any = None) -> Cache:
-    """An empty KV cache with `max_length` slots per example."""
+    """An empty KV cache with `max_length` slots per example, heads-major (B, K, S, D)."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch_size, max_length, config.num_kv_heads, config.dim_per_head)
+    shape = (batch_size, config.num_kv_heads, max_length, config.dim_per_head)
     cache: Cache = {"kv_mask": jnp.zeros((batch_size, max_length), bool)}
     for i in range(config.num_layers):
         cache[f"layers_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

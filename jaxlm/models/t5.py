@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxlm.models.layers import ACTIVATIONS, Dense, Embed, RMSNorm, dot_product_attention, mask_bias, sub
+from jaxlm.models.layers import ACTIVATIONS, Dense, Embed, RMSNorm, dot_product_attention, heads_major, mask_bias, sub
 from jaxlm.models.lora import LoraWeights
 
 Array = jax.Array
@@ -156,14 +156,14 @@ class T5Attention(nn.Module):
         if cross_kv is not None:
             k, v = cross_kv["k"], cross_kv["v"]
         else:
-            k = heads(dense("k", inner, ("embed", "heads"), c.d_model**-0.5)(kv_source, sub(lora, "k"), lora_scale))
-            v = heads(dense("v", inner, ("embed", "heads"), c.d_model**-0.5)(kv_source, sub(lora, "v"), lora_scale))
+            k = heads_major(heads(dense("k", inner, ("embed", "heads"), c.d_model**-0.5)(kv_source, sub(lora, "k"), lora_scale)))
+            v = heads_major(heads(dense("v", inner, ("embed", "heads"), c.d_model**-0.5)(kv_source, sub(lora, "v"), lora_scale)))
         if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, 0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, 0, cache_index, 0))
         if self.has_relative_bias:
             relpos = RelativePositionBias(c, self.bidirectional, name="relative_attention_bias")
-            bias = bias + relpos(cache_index, l, k.shape[1])
+            bias = bias + relpos(cache_index, l, k.shape[2])
         out = dot_product_attention(q, k.astype(dt), v.astype(dt), bias, scale=1.0)
         o = dense("o", c.d_model, ("heads", "embed"), inner**-0.5)
         return o(out.reshape(b, l, inner), sub(lora, "o"), lora_scale), bias, {"k": k, "v": v}
@@ -371,7 +371,7 @@ def init_cache(config: T5Config, batch_size: int, max_length: int, dtype: Any = 
     run that call (the decoder start token) before a `lax.while_loop` whose carry must keep one structure.
     """
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch_size, max_length, config.num_heads, config.d_kv)
+    shape = (batch_size, config.num_heads, max_length, config.d_kv)  # heads-major, see dot_product_attention
     cache: Cache = {"kv_mask": jnp.zeros((batch_size, max_length), bool)}
     for i in range(config.num_decoder_layers):
         cache[f"block_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
