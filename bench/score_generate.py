@@ -4,7 +4,7 @@ Prints tokens/s for both and the ratio, for scoring (teacher-forced log-probs of
 and for greedy generation (KV cache, a fixed number of new tokens, EOS disabled on both sides).
 Compilation is excluded for jaxlm (one warm-up call); each timing is the best of --repeats runs.
 
-    python bench/score_generate.py [--batch 8] [--new_tokens 64] [--repeats 3]
+    python bench/score_generate.py [--batch 1,4,8] [--new_tokens 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -47,30 +47,21 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    from transformers import AutoModelForCausalLM
-
-    pre = jaxlm.load_pretrained("smollm2-135m-instruct")
+def measure(pre, hf, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Scoring and greedy-generation tokens/s for both implementations at one batch size."""
     tok = pre.tokenizer
-    path = resolve_path("smollm2-135m-instruct")
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    prompts = [tok.encode(p) for p in (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]]
+    prompts = [tok.encode(p) for p in (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]]
     width = max(map(len, prompts))
     ids = np.array([[tok.pad_id] * (width - len(p)) + p for p in prompts], np.int32)
     mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int32)
-    results = {"device": str(jax.devices()[0].platform), "torch_threads": torch.get_num_threads(), "batch": args.batch}
+    result: dict = {"batch": batch}
 
     # ---- scoring: full sequences (prompt + a fixed continuation) teacher-forced
     continuation = tok.encode(" The answer is given above, followed by a short explanation of the reasoning.")
     examples = [(p, continuation) for p in prompts]
-    engine = Engine(pre, batch_size=args.batch)
+    engine = Engine(pre, batch_size=batch)
     engine.score(examples)  # compile
-    t_jax = best_of(lambda: engine.score(examples), args.repeats)
+    t_jax = best_of(lambda: engine.score(examples), repeats)
     seqs = [p + continuation for p in prompts]
     w = max(map(len, seqs))
     s_ids = torch.tensor([s + [tok.pad_id] * (w - len(s)) for s in seqs])
@@ -82,35 +73,52 @@ def main() -> None:
             lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, s_ids[:, 1:, None])[..., 0]
             return (lp * s_mask[:, 1:]).sum(-1)
 
-    t_hf = best_of(hf_score, args.repeats)
+    t_hf = best_of(hf_score, repeats)
     n_score = int(s_mask.sum())
-    results["score_tokens_per_s"] = {"jaxlm": n_score / t_jax, "transformers": n_score / t_hf, "ratio": t_hf / t_jax}
+    result["score"] = {"jaxlm": n_score / t_jax, "transformers": n_score / t_hf, "ratio": t_hf / t_jax}
 
     # ---- greedy generation, exactly new_tokens per row
     def jax_generate():
         out, _ = decoding.llama_greedy(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask),
-                                       max_new_tokens=args.new_tokens, eos_ids=(), pad_id=tok.pad_id)
+                                       max_new_tokens=new_tokens, eos_ids=(), pad_id=tok.pad_id)
         return np.asarray(out)
 
     jax_out = jax_generate()  # compile
-    t_jax = best_of(jax_generate, args.repeats)
+    t_jax = best_of(jax_generate, repeats)
 
     def hf_generate():
         with torch.no_grad():
             return hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                eos_token_id=None, pad_token_id=tok.pad_id)
 
     hf_out = hf_generate()[:, ids.shape[1]:].numpy()
-    t_hf = best_of(hf_generate, args.repeats)
-    n_gen = args.batch * args.new_tokens
-    results["generate_tokens_per_s"] = {"jaxlm": n_gen / t_jax, "transformers": n_gen / t_hf, "ratio": t_hf / t_jax}
-    results["generate_same_tokens_fraction"] = float((jax_out == hf_out).mean())
+    t_hf = best_of(hf_generate, repeats)
+    n_gen = batch * new_tokens
+    result["generate"] = {"jaxlm": n_gen / t_jax, "transformers": n_gen / t_hf, "ratio": t_hf / t_jax}
+    result["generate_same_tokens_fraction"] = float((jax_out == hf_out).mean())
+    return result
 
-    print(json.dumps(results, indent=2))
-    for key in ("score_tokens_per_s", "generate_tokens_per_s"):
-        r = results[key]
-        print(f"{key:24s} jaxlm {r['jaxlm']:9.1f}  transformers {r['transformers']:9.1f}  ratio {r['ratio']:.2f}x")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", default="1,4,8", help="comma-separated batch sizes")
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    pre = jaxlm.load_pretrained("smollm2-135m-instruct")
+    path = resolve_path("smollm2-135m-instruct")
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    header = {"device": jax.devices()[0].platform, "torch_threads": torch.get_num_threads(), "new_tokens": args.new_tokens}
+    rows = [measure(pre, hf, int(b), args.new_tokens, args.repeats) for b in args.batch.split(",")]
+    print(json.dumps({**header, "results": rows}, indent=1))
+    print(f"\n{'batch':>5} {'task':9} {'jaxlm tok/s':>12} {'transformers tok/s':>19} {'ratio':>7}")
+    for row in rows:
+        for task in ("score", "generate"):
+            r = row[task]
+            print(f"{row['batch']:>5} {task:9} {r['jaxlm']:12.1f} {r['transformers']:19.1f} {r['ratio']:6.2f}x")
 
 
 if __name__ == "__main__":
