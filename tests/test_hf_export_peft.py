@@ -1,5 +1,7 @@
 """Export to a HF directory and a PEFT adapter; transformers/peft load them and agree with jaxlm."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +74,27 @@ def test_bad_inputs_name_the_file(tmp_path):
     pre = jaxlm.load_pretrained(tiny_llama_dir(tmp_path / "src"))
     with pytest.raises(CheckpointError, match="adapter_config.json"):
         load_peft_adapter(tmp_path / "adapter", pre)
+
+
+def test_peft_round_trip_t5_seq2seq(tmp_path):
+    from peft import PeftModel
+    from transformers import T5ForConditionalGeneration
+
+    from tests.hf_tiny import tiny_t5_dir
+
+    tiny_t5_dir(tmp_path / "src", "v1_1")
+    pre = jaxlm.load_pretrained(tmp_path / "src")
+    base_dir = export_hf(pre, tmp_path / "base")
+    lora = lora_lib.init_lora(lora_lib.LoraSpec(("q", "v", "wi_0"), rank=2, alpha=8.0), pre.params, jax.random.PRNGKey(5))
+    lora = lora.replace(params=jax.tree_util.tree_map(lambda x: x + 0.2, lora.params))
+    adapter_dir = export_peft_adapter(lora, pre, tmp_path / "adapter", base_model_name_or_path=str(base_dir))
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+
+    enc, dec = np.array([[5, 9, 14, 3, 1]]), np.array([[0, 7, 8]])
+    peft_model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    ours = np.asarray(pre.model.apply({"params": pre.params}, jnp.asarray(enc), jnp.ones_like(enc), jnp.asarray(dec), lora=lora))
+    base = np.asarray(pre.model.apply({"params": pre.params}, jnp.asarray(enc), jnp.ones_like(enc), jnp.asarray(dec)))
+    assert np.abs(ours - base).max() > 1e-2
+    assert np.abs(ref - ours).max() <= 1e-4 * max(1.0, np.abs(ref).max())

@@ -14,34 +14,16 @@ import jaxlm
 from jaxlm.checkpoints.pretrained import export_hf, family
 from jaxlm.models import lora as lora_lib
 from jaxlm.models import t5
-
-VOCAB = 100
+from tests.hf_tiny import T5_VOCAB as VOCAB
+from tests.hf_tiny import tiny_t5_dir
 
 hf_name = family("t5").hf_name
-
-
-def _tiny_t5_dir(path, kind: str, seed: int = 0):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    gated = kind == "v1_1"
-    cfg = T5Config(
-        vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=3 if gated else 2,
-        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
-        feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )
-    model = T5ForConditionalGeneration(cfg).eval()
-    if gated:  # transformers 5 ties lm_head even for v1.1 configs; real v1.1 / Flan heads are separate
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 32))
-    model.save_pretrained(path, safe_serialization=True)
-    return model
 
 
 @pytest.fixture(scope="module", params=["v1_1", "original"])
 def tiny(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"t5_{request.param}")
-    hf_model = _tiny_t5_dir(path, request.param)
+    hf_model = tiny_t5_dir(path, request.param)
     return request.param, jaxlm.load_pretrained(path), hf_model
 
 
