@@ -169,6 +169,8 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
             config = fam.config_from_hf(hf_config)
         except KeyError as e:
             raise CheckpointError(f"{p / 'config.json'}: field {e.args[0]!r} is missing") from None
+        except ValueError as e:  # an unsupported setting (rope scaling, position embedding type, ...)
+            raise CheckpointError(f"{p / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
         tensors = hf.read_safetensors(p)
         if not getattr(config, "tie_word_embeddings", True) and "lm_head.weight" not in tensors:
             # transformers saves a tied head once (under the embedding): the file is the truth.
