@@ -79,7 +79,7 @@ def measure(pre, hf, batch: int, new_tokens: int, repeats: int) -> dict:
 
     # ---- greedy generation, exactly new_tokens per row
     def jax_generate():
-        out, _ = decoding.llama_greedy(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask),
+        out, _ = decoding.greedy_generate(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask),
                                        max_new_tokens=new_tokens, eos_ids=(), pad_id=tok.pad_id)
         return np.asarray(out)
 

@@ -76,7 +76,7 @@ def test_generate_ids_match_decoder(tiny_dir, tmp_path):
                  "--max_new_tokens", "5"]) == 0
     for row, o in zip(ROWS, _read(tmp_path / "g.jsonl")):
         ids = jnp.asarray([row["input_ids"]])
-        ref, n = decoding.llama_greedy(pre.model, pre.params, ids, jnp.ones_like(ids), max_new_tokens=5,
+        ref, n = decoding.greedy_generate(pre.model, pre.params, ids, jnp.ones_like(ids), max_new_tokens=5,
                                        eos_ids=pre.config.eos_token_ids)
         assert o["output_ids"] == np.asarray(ref)[0, : int(n[0])].tolist()
         assert o["prediction"] is None  # no tokenizer in this directory

@@ -57,7 +57,7 @@ def test_config_roundtrip_fields(tiny):
 def test_greedy_matches_transformers_generate(tiny, left_pad):
     pre, hf_model = tiny
     ids, mask = _batch(left_pad)
-    tokens, lengths = decoding.llama_greedy(
+    tokens, lengths = decoding.greedy_generate(
         pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=12, eos_ids=(), pad_id=0
     )
     tokens = np.asarray(tokens)
@@ -75,11 +75,11 @@ def test_greedy_matches_transformers_generate(tiny, left_pad):
 def test_greedy_stops_at_eos_and_stop_sequence(tiny):
     pre, _ = tiny
     ids, mask = _batch(True)
-    free, _ = decoding.llama_greedy(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=10, eos_ids=())
+    free, _ = decoding.greedy_generate(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=10, eos_ids=())
     free = np.asarray(free)
     # Use the 4th generated token of row 0 as EOS: row 0 must stop right before it.
     eos = int(free[0, 3])
-    toks, lengths = decoding.llama_greedy(
+    toks, lengths = decoding.greedy_generate(
         pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=10, eos_ids=(eos,), pad_id=0
     )
     first = int(np.argmax(free[0] == eos))
@@ -88,7 +88,7 @@ def test_greedy_stops_at_eos_and_stop_sequence(tiny):
     assert np.all(np.asarray(toks)[0, first:] == 0)
     # A two-token stop sequence ends the row with the sequence included.
     stop = (int(free[1, 2]), int(free[1, 3]))
-    toks, lengths = decoding.llama_greedy(
+    toks, lengths = decoding.greedy_generate(
         pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=10, eos_ids=(), stop_sequences=(stop,)
     )
     row = list(free[1])
@@ -154,5 +154,5 @@ def test_bfloat16_compute_tracks_float32(tiny, tmp_path):
     assert out.dtype == jnp.float32  # logits are returned in float32 whatever the compute dtype
     real = mask.astype(bool)
     assert np.abs(np.asarray(out)[real] - ref[real]).max() < 0.05
-    toks, _ = decoding.llama_greedy(bf16, pre.params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=4, eos_ids=())
+    toks, _ = decoding.greedy_generate(bf16, pre.params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=4, eos_ids=())
     assert np.asarray(toks).shape == (3, 4)

@@ -69,7 +69,7 @@ def test_greedy_batch_matches_transformers(smollm2, hf_smollm2):
     width = max(map(len, rows))
     ids = np.array([[tok.pad_id] * (width - len(r)) + r for r in rows])  # left padded
     mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    out, lengths = decoding.llama_greedy(
+    out, lengths = decoding.greedy_generate(
         smollm2.model, smollm2.params, jnp.asarray(ids), jnp.asarray(mask),
         max_new_tokens=16, eos_ids=tuple(tok.eos_ids), pad_id=tok.pad_id,
     )

@@ -189,7 +189,7 @@ def test_greedy_matches_transformers_generate(tiny):
 
     _, pre, hf_model = tiny
     enc_ids, enc_mask, _, _ = _batch()
-    tokens, lengths = decoding.t5_greedy(
+    tokens, lengths = decoding.greedy_generate(
         pre.model, pre.params, jnp.asarray(enc_ids), jnp.asarray(enc_mask), max_new_tokens=8, eos_ids=(), pad_id=0
     )
     # Reference: transformers' full (uncached) forward, argmax appended step by step. (Its generate()

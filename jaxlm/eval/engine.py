@@ -178,8 +178,7 @@ class Engine:
             width = bucket_length(max(map(len, rows)), self.buckets)
             ids, mask = pad_rows(rows, width, self.pad_id, left=self.pretrained.family == "llama")
             self.compiled_shapes.add(("generate", ids.shape, max_new_tokens))
-            fn = decoding.llama_greedy if self.pretrained.family == "llama" else decoding.t5_greedy
-            out, lengths = fn(
+            out, lengths = decoding.greedy_generate(
                 self.model, self.pretrained.params, ids, mask, lora,
                 max_new_tokens=max_new_tokens, eos_ids=eos, stop_sequences=stops, pad_id=self.pad_id,
             )

@@ -1,9 +1,10 @@
 """Greedy decoding with a KV cache: one `lax.while_loop`, jitted once per (model, shapes, options).
 
 `greedy_loop` is model-agnostic: it takes the logits of the first new token and a `step` that feeds
-one token per example and returns the next logits. `llama_greedy` and `t5_greedy` supply prefill
-and step for each architecture. EOS ids stop an example (EOS not emitted); token-level stop
+one token per example and returns the next logits; each family supplies its own start (prefill
+and step). EOS ids stop an example (EOS not emitted); token-level stop
 sequences stop it with the sequence included (callers trim text at the stop string).
+`greedy_generate` is the jitted entry point for both families.
 """
 
 from __future__ import annotations
@@ -72,90 +73,43 @@ def greedy_loop(
     return tokens, lengths
 
 
-# Greedy decoders compile once per (model, shapes, max_new_tokens, eos/stop ids, pad id).
-_jit_decoder = functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "stop_sequences", "pad_id")
-)
-
-
 def last_real_index(mask_BxL: Array) -> Array:
     """Index of the last real token per row; right and left padding alike."""
     length = mask_BxL.shape[1]
     return length - 1 - jnp.argmax(mask_BxL[:, ::-1].astype(jnp.int32), axis=1)
 
 
-@_jit_decoder
-def llama_greedy(
-    model: Any,
-    params: Any,
-    input_ids: Array,
-    attention_mask: Array,
-    lora: LoraWeights | None = None,
-    *,
-    max_new_tokens: int,
-    eos_ids: tuple[int, ...],
-    stop_sequences: tuple[tuple[int, ...], ...] = (),
-    pad_id: int = 0,
-) -> tuple[Array, Array]:
-    """Greedy continuation of padded prompts (left or right padding) for a `Llama` module."""
+def _llama_start(model: Any, variables: Any, input_ids: Array, mask: Array, lora, max_new_tokens: int):
+    """Prefill the prompts (left or right padded); return the first logits, the step, the cache."""
     from jaxlm.models.llama import init_cache
 
     batch, length = input_ids.shape
-    mask = attention_mask.astype(bool)
     cache = init_cache(model.config, batch, length + max_new_tokens)
-    last = last_real_index(mask)
     logits, cache = model.apply(
-        {"params": params}, input_ids, mask, lora=lora, cache=cache, cache_index=0, gather_index=last
+        variables, input_ids, mask, lora=lora, cache=cache, cache_index=0, gather_index=last_real_index(mask)
     )
     next_position = jnp.sum(mask, axis=1)
 
     def step(token, t, cache):
         logits, cache = model.apply(
-            {"params": params},
-            token[:, None],
-            jnp.ones((batch, 1), bool),
-            (next_position + t)[:, None],
-            lora=lora,
-            cache=cache,
-            cache_index=length + t,
+            variables, token[:, None], jnp.ones((batch, 1), bool), (next_position + t)[:, None],
+            lora=lora, cache=cache, cache_index=length + t,
         )
         return logits[:, 0], cache
 
-    return greedy_loop(
-        logits[:, 0], step, cache, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-        stop_sequences=stop_sequences, pad_id=pad_id,
-    )
+    return logits[:, 0], step, cache
 
 
-@_jit_decoder
-def t5_greedy(
-    model: Any,
-    params: Any,
-    input_ids: Array,
-    attention_mask: Array,
-    lora: LoraWeights | None = None,
-    *,
-    max_new_tokens: int,
-    eos_ids: tuple[int, ...],
-    stop_sequences: tuple[tuple[int, ...], ...] = (),
-    pad_id: int = 0,
-) -> tuple[Array, Array]:
-    """Greedy decoding for a `T5` module: encode once, then one cached decoder step per token.
-
-    The first step (decoder start token) runs before the loop because it also fills the cross-attention
-    keys/values into the cache, so the loop carry keeps one structure.
-    """
+def _t5_start(model: Any, variables: Any, input_ids: Array, mask: Array, lora, max_new_tokens: int):
+    """Encode once and feed the decoder start token. This first step runs before the loop because it
+    also puts the cross-attention keys/values into the cache, so the loop carry keeps one structure."""
     from jaxlm.models.t5 import init_cache
 
     batch = input_ids.shape[0]
-    mask = attention_mask.astype(bool)
-    variables = {"params": params}
     encoded = model.apply(variables, input_ids, mask, lora=lora, method="encode")
     cache = init_cache(model.config, batch, max_new_tokens + 1)
     start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
-    logits, cache = model.apply(
-        variables, start, encoded, mask, lora=lora, cache=cache, cache_index=0, method="decode"
-    )
+    logits, cache = model.apply(variables, start, encoded, mask, lora=lora, cache=cache, cache_index=0, method="decode")
 
     def step(token, t, cache):
         logits, cache = model.apply(
@@ -163,7 +117,35 @@ def t5_greedy(
         )
         return logits[:, 0], cache
 
+    return logits[:, 0], step, cache
+
+
+_STARTS = {"llama": _llama_start, "t5": _t5_start}
+
+
+# Compiled once per (model, shapes, max_new_tokens, eos/stop ids, pad id).
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "stop_sequences", "pad_id"))
+def greedy_generate(
+    model: Any,
+    params: Any,
+    input_ids: Array,
+    attention_mask: Array,
+    lora: LoraWeights | None = None,
+    *,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    stop_sequences: tuple[tuple[int, ...], ...] = (),
+    pad_id: int = 0,
+) -> tuple[Array, Array]:
+    """Greedy continuation of padded prompts for a `Llama` (prompts left or right padded) or `T5`
+    module (inputs to the encoder). Returns (tokens (B, max_new_tokens), lengths (B,))."""
+    family = model.config.family
+    if family not in _STARTS:
+        raise ValueError(f"greedy decoding needs a llama or t5 model, got {family!r}")
+    first_logits, step, state = _STARTS[family](
+        model, {"params": params}, input_ids, attention_mask.astype(bool), lora, max_new_tokens
+    )
     return greedy_loop(
-        logits[:, 0], step, cache, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+        first_logits, step, state, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
         stop_sequences=stop_sequences, pad_id=pad_id,
     )
