@@ -62,11 +62,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _bf16_to_f32(x: Any) -> np.ndarray:
-    x = np.asarray(x)
-    return x.astype(np.float32) if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else x
-
-
 def write_dir(
     path: str | os.PathLike,
     tensors: Mapping[str, np.ndarray],
@@ -82,7 +77,7 @@ def write_dir(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        arrays = {k: np.ascontiguousarray(_bf16_to_f32(v)) for k, v in tensors.items()}
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # float32 from convert_from_params
         save_file(arrays, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
         if write_extra is not None:

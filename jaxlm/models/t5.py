@@ -10,6 +10,7 @@ cache slots like `llama.py`; cross-attention keys/values are computed once and k
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -130,6 +131,14 @@ class RelativePositionBias(nn.Module):
         return jnp.transpose(values, (2, 0, 1))[None]
 
 
+def _dense(c: T5Config, name: str, features: int, axes: tuple[str, str], std: float) -> Dense:
+    """A bias-free T5 projection, initialised with N(0, std^2) as in the reference."""
+    return Dense(
+        features, axes, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+        kernel_init=nn.initializers.normal(std), name=name,
+    )
+
+
 class T5Attention(nn.Module):
     """Self-attention (kv_source = x) or cross-attention; no 1/sqrt(d) scaling (folded into T5's init).
 
@@ -144,11 +153,9 @@ class T5Attention(nn.Module):
     @nn.compact
     def __call__(self, x, kv_source, bias, lora, lora_scale, layer_cache=None, cache_index=0, cross_kv=None):
         c = self.config
-        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        dt = jnp.dtype(c.dtype)
         inner = c.inner_dim
-
-        def dense(name, features, axes, std):
-            return Dense(features, axes, dtype=dt, param_dtype=pdt, kernel_init=nn.initializers.normal(std), name=name)
+        dense = functools.partial(_dense, c)
 
         b, l, _ = x.shape
         heads = lambda t: t.reshape(t.shape[0], t.shape[1], c.num_heads, c.d_kv)
@@ -177,10 +184,7 @@ class T5DenseReluDense(nn.Module):
     @nn.compact
     def __call__(self, x, lora, lora_scale):
         c = self.config
-        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-
-        def dense(name, features, axes, std):
-            return Dense(features, axes, dtype=dt, param_dtype=pdt, kernel_init=nn.initializers.normal(std), name=name)
+        dense = functools.partial(_dense, c)
 
         act = ACTIVATIONS[c.activation]
         if c.is_gated:
