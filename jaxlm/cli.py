@@ -73,10 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max_new_tokens", type=int, default=64)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. $'\\n\\n'")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template to text inputs")
-    demo = sub.add_parser("demo", help="the main job on embedded defaults")
-    demo.add_argument("--model", default="smollm2-135m-instruct")
-    demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("--max_new_tokens", type=int, default=48)
+    demo = sub.add_parser("demo", help="the main job: the instruction-learning study on embedded defaults "
+                          "(experiments/demo/*.gin)")
+    demo.add_argument("--workdir", default="runs/demo", help="run directory (a rerun resumes it)")
+    demo.add_argument("--gin_file", action="append", default=[],
+                      help="extra gin file parsed after every stage's own, e.g. experiments/tests/tiny_demo.gin")
+    demo.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                      help="extra gin binding for every stage, e.g. --gin 'STAGE2_STEPS = 1200'")
+    demo.add_argument("--stages", default=None, help="comma-separated subset of rules,base,tagi,rewrite,smollm2")
     return parser
 
 
@@ -215,9 +219,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from jaxlm.demo import run_demo
+    from jaxlm.demo import STAGES, run_demo
 
-    return run_demo(args.model, args.workdir, args.max_new_tokens)
+    stages = tuple(s for s in args.stages.split(",") if s) if args.stages else STAGES
+    return run_demo(args.workdir, args.gin_file, args.gin, stages)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

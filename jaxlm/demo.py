@@ -1,54 +1,261 @@
-"""The main job on embedded defaults (for now): greedy generation with SmolLM2-135M-Instruct on a
-few instruction prompts, with timing. Later studies replace it."""
+"""`make demo`: the instruction-learning study end to end on embedded defaults, minutes on a CPU.
+
+Stages, each a gin experiment in experiments/demo/ that reruns alone (`jaxlm train|eval --gin_file=...`)
+and each skipped when its output exists, so a killed demo resumes where it stopped:
+  rules    generate the string-rewrite rules (setting.gin) -> RUN/rules/{train,heldout}.jsonl
+  base     a byte-level Llama from scratch on "x|y|z=" rows (base.gin) -> RUN/base_hf
+  tagi     per-rule LoRA teachers, hypernetwork pretraining, then finetuning (tagi.gin) -> RUN/tagi
+  rewrite  unseen rules: no instruction, rule in context, ICIL-style demos, generated adapters
+           (eval_rewrite.gin) -> RUN/rewrite
+  smollm2  SmolLM2-135M-Instruct on BIG-bench multiple choice: zero-shot, ICIL, cross-task
+           (smollm2_bigbench.gin) -> RUN/smollm2
+Every result is appended to RUN/results.jsonl as it comes; RUN/table.md and RUN/plots/*.png at the end.
+`overrides` (extra gin files parsed after each stage's own) rescale every stage at once, e.g.
+experiments/tests/tiny_demo.gin for the test-size run.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-DEMO_PROMPTS: tuple[str, ...] = (
-    "Definition: Classify the sentiment of the review as positive or negative.\n\n"
-    "Input: The food was cold and the waiter ignored us for an hour.\nOutput:",
-    "Definition: Answer the arithmetic question with a number only.\n\nInput: What is 12 plus 30?\nOutput:",
-    "Definition: Rewrite the sentence in the past tense.\n\nInput: She walks to the station every morning.\nOutput:",
-    "Definition: Name the capital city of the given country.\n\nInput: Japan\nOutput:",
-)
+from jaxlm.errors import UsageError
+from jaxlm.eval.jsonl import JsonlWriter, read_jsonl
+from jaxlm.files import write_atomically
+
+DEMO_DIR = "experiments/demo"
+STAGES = ("rules", "base", "tagi", "rewrite", "smollm2")
+METHOD_LABELS = {
+    "no_instruction": "no instruction (\"z=\")",
+    "in_context": "rule in context (\"x|y|z=\")",
+    "icil": "ICIL-style cross-task demos + rule",
+    "hypernet": "hypernetwork adapter (TAGI), \"z=\"",
+    "teacher": "per-rule LoRA teacher (oracle)",
+}
 
 
-def run_demo(model: str, workdir: str, max_new_tokens: int) -> int:
-    from jaxlm.checkpoints.pretrained import load_pretrained
-    from jaxlm.eval.engine import Engine
-    from jaxlm.eval.jsonl import JsonlWriter
+class Demo:
+    """One run directory and the gin overrides every stage gets; `run()` does the stages in order."""
 
-    t0 = time.perf_counter()
-    pretrained = load_pretrained(model)
-    tok = pretrained.tokenizer
-    print(f"loaded {pretrained.source} ({pretrained.family}, {pretrained.config.num_layers} layers) in {time.perf_counter() - t0:.1f}s")
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in DEMO_PROMPTS]
-    engine = Engine(pretrained, batch_size=len(prompts))
-    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-    t1 = time.perf_counter()
-    results = engine.generate(ids, max_new_tokens=max_new_tokens)
-    first = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    results = engine.generate(ids, max_new_tokens=max_new_tokens)
-    steady = time.perf_counter() - t2
-    n_tokens = sum(len(r.output_ids) for r in results)
-    out_dir = Path(workdir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with JsonlWriter(out_dir / "predictions.jsonl") as out:
-        out.write_all(
-            {"prompt": p, "prediction": tok.decode(r.output_ids).strip(), "num_tokens": len(r.output_ids)}
-            for p, r in zip(DEMO_PROMPTS, results)
-        )
-    print()
-    for p, r in zip(DEMO_PROMPTS, results):
-        question = p.split("Input: ", 1)[1].split("\n")[0]
-        print(f"- {question}\n  -> {json.dumps(tok.decode(r.output_ids).strip())}")
-    print(
-        f"\ngreedy, batch {len(prompts)}: {n_tokens} new tokens; first call {first:.1f}s (includes compile), "
-        f"steady {steady:.2f}s = {n_tokens / steady:.1f} tokens/s"
-    )
-    print(f"predictions: {out_dir / 'predictions.jsonl'}")
+    def __init__(self, workdir: str | Path, overrides: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.overrides, self.bindings = list(overrides), list(bindings)
+        self.results = self.workdir / "results.jsonl"
+        self.stage_seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def parse(self, stage_file: str, bindings: Sequence[str] = ()) -> None:
+        from jaxlm.train.config import parse_config
+
+        parse_config([f"{DEMO_DIR}/{stage_file}", *self.overrides], [*bindings, *self.bindings])
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        with JsonlWriter(self.results, append=True) as out:
+            out.write_all(rows)
+
+    def done(self, study: str) -> list[dict[str, Any]]:
+        return [r for r in (read_jsonl(self.results) if self.results.is_file() else []) if r.get("study") == study]
+
+    def rules(self) -> Any:
+        import gin
+
+        from jaxlm.data.string_rewrite import RewriteConfig
+
+        self.parse("setting.gin")
+        return gin.get_configurable(RewriteConfig)()
+
+    def train_row(self, stage: str, run: Path) -> dict[str, Any]:
+        """The last logged metrics of a training run (its metrics.jsonl), appended to results.jsonl."""
+        last = read_jsonl(run / "metrics.jsonl")[-1]
+        row = {"study": "train", "stage": stage, "step": last["step"], "loss": round(float(last["loss"]), 4),
+               "accuracy": round(float(last.get("accuracy", float("nan"))), 4), "run": str(run)}
+        self.append([row])
+        return row
+
+    # ------------------------------------------------------------------ stages
+    def stage_rules(self) -> str:
+        from jaxlm.data.string_rewrite import rewrite_tasks
+
+        config = self.rules()
+        out = self.workdir / "rules"
+        counts = {}
+        for part, name in (("train", "train"), ("test", "heldout")):
+            tasks = rewrite_tasks(config, part=part)
+            counts[name] = (len(tasks), sum(len(t.instances) for t in tasks))
+            rows = [{"rule": t.name, "x": t.metadata["x"], "y": t.metadata["y"], "definition": t.definition,
+                     "examples": [[i.input, i.outputs[0]] for i in t.instances]} for t in tasks]
+            write_atomically(out / f"{name}.jsonl", lambda f, rows=rows: f.write("".join(json.dumps(r) + "\n" for r in rows)))
+        return (f"{counts['train'][0]} training rules ({counts['train'][1]} examples), {counts['heldout'][0]} "
+                f"held-out rules ({counts['heldout'][1]} examples) -> {out}")
+
+    def stage_base(self) -> str:
+        import gin
+
+        from jaxlm.checkpoints.pretrained import Pretrained, export_hf
+        from jaxlm.models.llama import LlamaConfig
+        from jaxlm.train.tagi import run_parsed_config
+
+        target = self.workdir / "base_hf"
+        if (target / "config.json").is_file():
+            return f"exists: {target}"
+        self.parse("base.gin")
+        out = run_parsed_config(self.workdir / "base")
+        config = gin.get_configurable(LlamaConfig)()
+        export_hf(Pretrained("llama", config, None, None, "rewrite-base"), target, params=out["state"].params)
+        row = self.train_row("base", self.workdir / "base")
+        return f"loss {row['loss']:.3f} after {row['step']} steps -> {target}"
+
+    def stage_tagi(self) -> str:
+        from jaxlm.train.tagi import run_parsed_config
+
+        run = self.workdir / "tagi"
+        if (run / "stage2" / "hypernet" / "hypernet.json").is_file():
+            return f"exists: {run}"
+        self.parse("tagi.gin", [f"BASE = '{self.workdir / 'base_hf'}'"])
+        run_parsed_config(run)
+        rows = [self.train_row(f"tagi/{scope}", run / scope) for scope in ("teachers", "stage1", "stage2")]
+        return "; ".join(f"{r['stage']}: loss {r['loss']:.3f} after {r['step']} steps" for r in rows) + f" -> {run}"
+
+    def stage_rewrite(self) -> str:
+        import gin
+
+        from jaxlm.eval.rewrite import RewriteEval
+
+        self.parse("eval_rewrite.gin", [f"BASE = '{self.workdir / 'base_hf'}'", f"HYPERNET = '{self.workdir / 'tagi'}'"])
+        evaluator = gin.get_configurable(RewriteEval)()
+        have = {r["method"] for r in self.done("rewrite")}
+
+        def report(row: dict[str, Any]) -> None:
+            print(f"  {METHOD_LABELS.get(row['method'], row['method'])}: exact match {row['exact_match']:.2f}%, "
+                  f"NLL/token {row['target_nll']:.3f}", flush=True)
+            if row["method"] not in have:
+                self.append([row])
+
+        rows = evaluator.run(self.workdir / "rewrite", on_result=report)
+        return f"{rows[0]['rules']} held-out rules x {rows[0]['examples'] // rows[0]['rules']} examples"
+
+    def stage_smollm2(self) -> str:
+        from jaxlm.eval.report import expand_rows
+        from jaxlm.eval.sweep import run_from_gin
+
+        self.parse("smollm2_bigbench.gin")
+        out = run_from_gin(self.workdir / "smollm2")
+        rows = read_jsonl(self.workdir / "smollm2" / "results.jsonl")
+        have = {(r["method"], r["task"]) for r in self.done("smollm2_bigbench")}
+        new = [{"study": "smollm2_bigbench", "model": r["model"], "method": r["method"], "task": r["task"],
+                "score": round(float(r["metrics"]["score"]), 2)} for r in expand_rows(rows)
+               if (r["method"], r["task"]) not in have]
+        self.append(new)
+        return f"{out['cells']} cells ({out['ran']} run), {out['num_compiles']} compiled shapes"
+
+    # ------------------------------------------------------------------ run
+    def run(self, stages: Sequence[str] = STAGES, log: Callable[[str], None] = print) -> Path:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise UsageError(f"--stages: {unknown} unknown; expected some of {STAGES}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log(f"jaxlm demo -> {self.workdir}")
+        for i, stage in enumerate(stages, 1):
+            log(f"\n[{i}/{len(stages)}] {stage}")
+            start = time.perf_counter()
+            summary = getattr(self, f"stage_{stage}")()
+            self.stage_seconds[stage] = time.perf_counter() - start
+            log(f"[{i}/{len(stages)}] {stage}: {summary} ({self.stage_seconds[stage]:.0f}s)")
+        table = self.write_reports()
+        log("\n" + table)
+        log(f"\nrun directory: {self.workdir}")
+        return self.workdir
+
+    # ------------------------------------------------------------------ reports
+    def write_reports(self) -> str:
+        rewrite, smol = self.done("rewrite"), self.done("smollm2_bigbench")
+        lines = ["# jaxlm demo results", ""]
+        if rewrite:
+            r0 = rewrite[0]
+            lines += [f"## Unseen string-rewrite rules ({r0['rules']} held-out rules, {r0['examples']} examples)", "",
+                      "| method | exact match % | NLL / target token |", "|---|---|---|"]
+            lines += [f"| {_cell(METHOD_LABELS.get(r['method'], r['method']))} | {r['exact_match']:.2f} | "
+                      f"{r['target_nll']:.3f} |" for r in rewrite]
+            lines.append("")
+        if smol:
+            tasks = list(dict.fromkeys(r["task"] for r in smol))
+            methods = list(dict.fromkeys(r["method"] for r in smol))
+            score = {(r["method"], r["task"]): r["score"] for r in smol}
+            lines += ["## SmolLM2-135M-Instruct on BIG-bench multiple choice (accuracy %)", "",
+                      "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+            for m in methods:
+                vals = [score.get((m, t)) for t in tasks]
+                known = [v for v in vals if v is not None]
+                mean = sum(known) / len(known) if known else float("nan")
+                lines.append(f"| {m} | " + " | ".join("" if v is None else f"{v:.1f}" for v in vals) + f" | {mean:.1f} |")
+            lines.append("")
+        if self.stage_seconds:
+            lines += ["Stage wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.stage_seconds.items()), ""]
+        text = "\n".join(lines)
+        write_atomically(self.workdir / "table.md", lambda f: f.write(text))
+        self.plot(rewrite, smol)
+        return text
+
+    def plot(self, rewrite: list[dict], smol: list[dict]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plots = self.workdir / "plots"
+        plots.mkdir(parents=True, exist_ok=True)
+        if rewrite:
+            fig, ax = plt.subplots(figsize=(7, 3.8))
+            ax.barh([METHOD_LABELS.get(r["method"], r["method"]) for r in rewrite][::-1],
+                    [r["exact_match"] for r in rewrite][::-1], color="tab:blue")
+            ax.set_xlabel("exact match on unseen rules (%)")
+            ax.set_xlim(0, 100)
+            ax.set_title("String rewrites: unseen rules")
+            fig.tight_layout()
+            write_atomically(plots / "rewrite_methods.png", lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+            plt.close(fig)
+        if smol:
+            tasks = list(dict.fromkeys(r["task"] for r in smol))
+            methods = list(dict.fromkeys(r["method"] for r in smol))
+            score = {(r["method"], r["task"]): r["score"] for r in smol}
+            fig, ax = plt.subplots(figsize=(8, 3.8))
+            width = 0.8 / len(methods)
+            for i, m in enumerate(methods):
+                ax.bar([j + i * width - 0.4 + width / 2 for j in range(len(tasks))],
+                       [score.get((m, t), 0.0) for t in tasks], width, label=m)
+            ax.set_xticks(range(len(tasks)))
+            ax.set_xticklabels(tasks, fontsize=8)
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title("SmolLM2-135M-Instruct, BIG-bench multiple choice")
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            write_atomically(plots / "smollm2_bigbench.png", lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+            plt.close(fig)
+        runs = {r["stage"]: Path(r["run"]) / "metrics.jsonl" for r in self.done("train")}
+        runs = {k: v for k, v in runs.items() if v.is_file()}
+        if runs:
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            for stage, path in runs.items():
+                logged = read_jsonl(path)
+                ax.plot([m["step"] for m in logged], [m["loss"] for m in logged], label=stage)
+            ax.set_xlabel("step")
+            ax.set_ylabel("training loss")
+            ax.set_yscale("log")
+            ax.legend()
+            fig.tight_layout()
+            write_atomically(plots / "training_loss.png", lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+            plt.close(fig)
+
+
+def _cell(text: str) -> str:
+    """Text as one markdown table cell ("|" escaped)."""
+    return text.replace("|", "\\|")
+
+
+def run_demo(workdir: str, overrides: Sequence[str] = (), bindings: Sequence[str] = (),
+             stages: Sequence[str] = STAGES) -> int:
+    Demo(workdir, overrides, bindings).run(stages)
     return 0

@@ -65,6 +65,11 @@ def rewrite_model_input(x: str, y: str, z: str) -> str:
     return f"{x}{SEPARATOR}{y}{SEPARATOR}{z}{QUERY_END}"
 
 
+def rule_text(x: str, y: str) -> str:
+    """The rule as a from-scratch model reads it: "x|y" (the prefix of every model input)."""
+    return f"{x}{SEPARATOR}{y}"
+
+
 def rule_definition(x: str, y: str) -> str:
     return f'Replace the leftmost "{x}" with "{y}".'
 

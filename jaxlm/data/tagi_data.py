@@ -143,9 +143,9 @@ def rewrite_tagi_tasks(config: Any, *, part: str = "train", instruction: str = "
     definition ("definition"); student input "z=", teacher input "x|y|z=", target the rewritten z."""
     from jaxlm.data.string_rewrite import (
         QUERY_END,
-        SEPARATOR,
         rewrite_model_input,
         rewrite_tasks,
+        rule_text,
     )
 
     if instruction not in ("rule", "definition"):
@@ -155,7 +155,7 @@ def rewrite_tagi_tasks(config: Any, *, part: str = "train", instruction: str = "
     out = []
     for task in tasks:
         x, y = task.metadata["x"], task.metadata["y"]
-        text = f"{x}{SEPARATOR}{y}" if instruction == "rule" else task.definition
+        text = rule_text(x, y) if instruction == "rule" else task.definition
         examples = [(i.input + QUERY_END, rewrite_model_input(x, y, i.input), i.outputs[0])
                     for i in task.instances[:max_examples]]
         out.append(make_task(task.name, text, examples, codec, index.get(task.name, -1)))

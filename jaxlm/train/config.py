@@ -87,17 +87,19 @@ def rewrite_data(
     part: str = "train",
     max_input_len: int = 64,
     max_target_len: int = 32,
+    pack: bool = False,
     seed: int = 0,
     shard_index: int = 0,
     num_shards: int = 1,
 ) -> Any:
     """Batches of the string-rewrite diversity mixture of `rules` (a `RewriteConfig`, bound in gin as
     `rewrite_data.rules = @RewriteConfig()`), byte vocabulary, decoder-only `x|y|z=` rows; bind as
-    `train.data = @rewrite_data`."""
+    `train.data = @rewrite_data`. `pack`: several rows per sequence of max_input_len + max_target_len."""
     from jaxlm.data.batches import rewrite_batches
 
     return rewrite_batches(rules, batch_size=batch_size, part=part, max_input_len=max_input_len,
-                           max_target_len=max_target_len, seed=seed, shard_index=shard_index, num_shards=num_shards)
+                           max_target_len=max_target_len, pack=pack, seed=seed, shard_index=shard_index,
+                           num_shards=num_shards)
 
 
 TAGI_SOURCES = ("rewrite", "superni", "passages")
@@ -212,7 +214,7 @@ def register_configurables() -> None:
     from jaxlm.models.llama import LlamaConfig
     from jaxlm.models.lora import LoraSpec
     from jaxlm.models.t5 import T5Config
-    from jaxlm.eval import methods, sweep  # noqa: F401  (their @gin.configurable)
+    from jaxlm.eval import methods, rewrite, sweep  # noqa: F401  (their @gin.configurable)
     from jaxlm.train import loop, objectives, optim, synthetic, tagi  # noqa: F401  (their @gin.configurable)
 
     for cls in (LlamaConfig, T5Config, LoraSpec, RewriteConfig, HypernetConfig):

@@ -63,6 +63,10 @@ class LanguageModel:
     weights of `pretrained`: a HF dir, a .gguf file or an installed package name) and an optional LoRA.
 
     `compute_dtype` overrides the model config's activation dtype (params keep `param_dtype`).
+    `context_across_rows` (decoder-only, packed batches): attend causally across packed rows with
+    positions running over the whole sequence, GPT-style, instead of block-diagonal per row; every row
+    then follows solved rows of other tasks, so the model learns to read cross-task demonstrations
+    (the ICIL-style prompt of the rewrite study). Padding stays masked.
     """
 
     model_config: Any = None
@@ -70,6 +74,7 @@ class LanguageModel:
     lora: LoraSpec | None = None
     compute_dtype: str | None = None
     init_seed: int | None = None  # base params seed when not pretrained (default: the run's rng)
+    context_across_rows: bool = False
 
     expected_family = None  # "llama" / "t5" in subclasses
 
@@ -158,9 +163,12 @@ class LanguageModel:
                 lora=lora, encoder_segment_ids=batch.get("encoder_segment_ids"),
                 decoder_segment_ids=batch.get("decoder_segment_ids"),
             )
+        segments = batch.get("decoder_segment_ids")
+        if self.context_across_rows and segments is not None:
+            return self.model.apply({"params": params}, batch["decoder_input_tokens"], segments > 0, None, lora=lora)
         return self.model.apply(
             {"params": params}, batch["decoder_input_tokens"], None, batch.get("decoder_positions"),
-            lora=lora, segment_ids=batch.get("decoder_segment_ids"),
+            lora=lora, segment_ids=segments,
         )
 
     def loss(self, trainable: PyTree, frozen: PyTree, batch: Mapping[str, Array], rng: Array) -> tuple[Array, dict]:

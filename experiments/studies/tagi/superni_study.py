@@ -1,6 +1,6 @@
 """TAGI with SmolLM2-135M-Instruct on Super-NI: training tasks -> test tasks, ROUGE-L of four methods.
 
-  python experiments/tagi/superni_study.py --workdir runs/tagi_superni [--phases teachers,tagi,eval]
+  python experiments/studies/tagi/superni_study.py --workdir runs/tagi_superni [--phases teachers,tagi,eval]
 
 A few-step CPU version of experiments/tagi/smollm2_superni.gin (budgets below are bindings):
   teachers  oracle LoRA teachers of the EVALUATED test tasks, trained on those tasks' instances
@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DATA = str(REPO.parent / "shared" / "data" / "superni")
 EVAL_TASKS = tuple(sorted(("task033_winogrande_answer_generation", "task1393_superglue_copa_text_completion",
                            "task1345_glue_qqp_question_paraprashing", "task670_ambigqa_question_generation")))

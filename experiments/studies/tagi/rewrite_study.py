@@ -1,6 +1,6 @@
 """TAGI on string rewrites from scratch: every phase of the study, resumable, results to JSONL.
 
-  python experiments/tagi/rewrite_study.py --workdir runs/tagi_rewrite [--phases base,teachers,tagi,eval]
+  python experiments/studies/tagi/rewrite_study.py --workdir runs/tagi_rewrite [--phases base,teachers,tagi,eval,report]
 
 Phases (each skipped when its output exists):
   base      CausalLM from scratch on "x|y|z=" rows (experiments/tagi/rewrite_base.gin) -> WORK/base_hf
@@ -15,13 +15,12 @@ Phases (each skipped when its output exists):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ABLATIONS = {  # name -> (extra gin file, stages)
     "full": (None, None),
     "no_pretraining": ("experiments/tagi/ablations/no_pretraining.gin", ("stage2",)),
@@ -80,44 +79,16 @@ def phase_tagi(work: Path, names: list[str], extra_bindings: tuple[str, ...] | l
         run_gin(files, bindings, work / name)
 
 
-def exact_match(engine, prompts: list[list[int]], targets: list[str], decode, lora=None) -> list[bool]:
-    out = engine.generate(prompts, max_new_tokens=20, lora=lora)
-    return [decode(r.output_ids) == t for r, t in zip(out, targets)]
-
-
-def target_nll(engine, prompts: list[list[int]], targets: list[str], encode, lora=None) -> list[float]:
-    """Per-token negative log-likelihood of the gold target (+ EOS 1) given the prompt."""
-    out = engine.score([(p, encode(t) + [1]) for p, t in zip(prompts, targets)], lora=lora)
-    return [-r.logprob / r.num_tokens for r in out]
-
-
-def train_rules_em(engine, config, rules: int = 20) -> float:
-    """Exact match of the base with the rule in context on SEEN rules (is the base any good at all?)."""
-    from jaxlm.data.string_rewrite import rewrite_model_input, rewrite_tasks
-    from jaxlm.data.tagi_data import _byte_decode, _byte_encode
-
-    hits = []
-    for task in rewrite_tasks(config, part="train")[:rules]:
-        x, y = task.metadata["x"], task.metadata["y"]
-        insts = task.instances[:8]
-        hits += exact_match(engine, [_byte_encode(rewrite_model_input(x, y, i.input)) for i in insts],
-                            [i.outputs[0] for i in insts], _byte_decode)
-    return round(100.0 * float(np.mean(hits)), 2)
-
-
 def phase_eval(work: Path, names: list[str]) -> None:
+    """(a)-(d) on the held-out rules with `jaxlm.eval.rewrite.evaluate_method` (one batched engine call
+    per method, adapters gathered per row), plus (b) on 20 seen rules (is the base any good at all?)."""
     import gin
 
     import jaxlm
     from jaxlm.checkpoints.hypernet import load_hypernet
-    from jaxlm.data.string_rewrite import (
-        RewriteConfig,
-        rewrite_model_input,
-        rewrite_tasks,
-    )
-    from jaxlm.data.tagi_data import _byte_decode, _byte_encode
+    from jaxlm.data.string_rewrite import RewriteConfig, rewrite_tasks, rule_text
     from jaxlm.eval.engine import Engine
-    from jaxlm.models import lora as lora_lib
+    from jaxlm.eval.rewrite import evaluate_method
     from jaxlm.train.config import parse_config
     from jaxlm.train.objectives import load_teachers
 
@@ -125,32 +96,51 @@ def phase_eval(work: Path, names: list[str]) -> None:
     config = gin.get_configurable(RewriteConfig)()
     heldout = rewrite_tasks(config, part="test")
     base = jaxlm.load_pretrained(work / "base_hf")
-    engine = Engine(base, batch_size=16)
+    engine = Engine(base, batch_size=64)
     names_t, teachers = load_teachers(work / "teachers_heldout" / "teachers", base)
     assert names_t == [f"task_{i}" for i in range(len(heldout))], names_t
-    hypers = {n: load_hypernet(work / n) for n in names if (work / n / "stage2" / "hypernet").is_dir()}
-    hits: dict[str, list[bool]] = {k: [] for k in ["a_no_instruction", "b_in_context", "c_teacher"] +
-                                   [f"d_hypernet_{n}" for n in hypers]}
-    nll: dict[str, list[float]] = {}
-    adapters = {n: h.adapters([f"{t.metadata['x']}|{t.metadata['y']}" for t in heldout]) for n, h in hypers.items()}
-    for i, task in enumerate(heldout):
-        x, y = task.metadata["x"], task.metadata["y"]
-        student = [_byte_encode(inst.input + "=") for inst in task.instances]
-        teacher = [_byte_encode(rewrite_model_input(x, y, inst.input)) for inst in task.instances]
-        gold = [inst.outputs[0] for inst in task.instances]
-        runs = {"a_no_instruction": (student, None), "b_in_context": (teacher, None),
-                "c_teacher": (student, lora_lib.select(teachers, i))}
-        runs.update({f"d_hypernet_{n}": (student, lora_lib.select(adapters[n], i)) for n in hypers})
-        for key, (prompts, lora) in runs.items():
-            hits[key] += exact_match(engine, prompts, gold, _byte_decode, lora)
-            nll.setdefault(key, []).extend(target_nll(engine, prompts, gold, _byte_encode, lora))
-    result = {f"em_{k}": round(100.0 * float(np.mean(v)), 2) for k, v in hits.items()}
-    result.update({f"nll_{k}": round(float(np.mean(v)), 4) for k, v in nll.items()})
-    result["heldout_rules"], result["examples"] = len(heldout), len(hits["b_in_context"])
-    result["train_rule_em_b_in_context"] = train_rules_em(engine, config)
+    runs = {"a_no_instruction": ("no_instruction", None), "b_in_context": ("in_context", None),
+            "c_teacher": ("teacher", teachers)}
+    rules = [rule_text(t.metadata["x"], t.metadata["y"]) for t in heldout]
+    runs.update({f"d_hypernet_{n}": ("hypernet", load_hypernet(work / n).adapters(rules))
+                 for n in names if (work / n / "stage2" / "hypernet").is_dir()})
+    result: dict = {}
+    for key, (method, lora) in runs.items():
+        scores = evaluate_method(engine, heldout, method, lora=lora, max_new_tokens=20)
+        result[f"em_{key}"], result[f"nll_{key}"] = round(scores.exact_match, 2), round(scores.target_nll, 4)
+    result["heldout_rules"], result["examples"] = len(heldout), sum(len(t.instances) for t in heldout)
+    seen = [dataclasses.replace(t, instances=t.instances[:8]) for t in rewrite_tasks(config, part="train")[:20]]
+    result["train_rule_em_b_in_context"] = round(evaluate_method(engine, seen, "in_context").exact_match, 2)
     with open(work / "results.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     print(json.dumps(result, indent=1))
+
+
+LABELS = {"a_no_instruction": "(a) no instruction", "b_in_context": "(b) rule in context",
+          "c_teacher": "(c) rule's LoRA teacher (oracle)", "d_hypernet_full": "(d) hypernet, full",
+          "d_hypernet_no_pretraining": "(d) no pretraining", "d_hypernet_no_ce": "(d) no L_ce",
+          "d_hypernet_no_kl": "(d) no L_kl", "d_hypernet_no_ins": "(d) no L_ins"}
+
+
+def phase_report(work: Path) -> None:
+    """The last eval line as a markdown table and a bar plot (WORK/plots/tagi_rewrite.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines() if line.strip()][-1]
+    keys = [k for k in LABELS if f"em_{k}" in last]
+    print("| method | EM % | NLL / target token |\n|---|---|---|")
+    for k in keys:
+        print(f"| {LABELS[k]} | {last[f'em_{k}']:.2f} | {last[f'nll_{k}']:.3f} |")
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.barh([LABELS[k] for k in keys][::-1], [last[f"em_{k}"] for k in keys][::-1], color="tab:blue")
+    ax.set_xlabel(f"exact match on {last['heldout_rules']} unseen rules (%)")
+    ax.set_title("TAGI on string rewrites: methods and ablations")
+    fig.tight_layout()
+    (work / "plots").mkdir(exist_ok=True)
+    fig.savefig(work / "plots" / "tagi_rewrite.png", dpi=100)
 
 
 def main() -> None:
@@ -176,6 +166,8 @@ def main() -> None:
             phase_tagi(work, names, args.tagi_binding)
         elif phase == "eval":
             phase_eval(work, names)
+        elif phase == "report":
+            phase_report(work)
         else:
             raise SystemExit(f"unknown phase {phase!r}")
         print(f"phase {phase}: {time.time() - t:.0f}s", flush=True)
