@@ -3,7 +3,8 @@
 Stages, each a gin experiment in experiments/demo/ that reruns alone (`jaxlm train|eval --gin_file=...`)
 and each skipped when its output exists, so a killed demo resumes where it stopped:
   rules    generate the string-rewrite rules (setting.gin) -> RUN/rules/{train,heldout}.jsonl
-  base     a byte-level Llama from scratch on "x|y|z=" rows (base.gin) -> RUN/base_hf
+  base     a byte-level Llama from scratch on "x|y|z=" rows (base.gin), then on packed rows that see
+           each other, for ICIL-style prompts (base_context.gin) -> RUN/base_hf
   tagi     per-rule LoRA teachers, hypernetwork pretraining, then finetuning (tagi.gin) -> RUN/tagi
   rewrite  unseen rules: no instruction, rule in context, ICIL-style demos, generated adapters
            (eval_rewrite.gin) -> RUN/rewrite
@@ -91,22 +92,30 @@ class Demo:
         return (f"{counts['train'][0]} training rules ({counts['train'][1]} examples), {counts['heldout'][0]} "
                 f"held-out rules ({counts['heldout'][1]} examples) -> {out}")
 
-    def stage_base(self) -> str:
+    def train_and_export(self, stage_file: str, bindings: Sequence[str], run: Path, target: Path) -> dict[str, Any]:
+        """Train one gin experiment into `run` (resuming it) and export its params as a HF dir."""
         import gin
 
         from jaxlm.checkpoints.pretrained import Pretrained, export_hf
         from jaxlm.models.llama import LlamaConfig
         from jaxlm.train.tagi import run_parsed_config
 
-        target = self.workdir / "base_hf"
-        if (target / "config.json").is_file():
-            return f"exists: {target}"
-        self.parse("base.gin")
-        out = run_parsed_config(self.workdir / "base")
+        self.parse(stage_file, bindings)
+        out = run_parsed_config(run)
         config = gin.get_configurable(LlamaConfig)()
         export_hf(Pretrained("llama", config, None, None, "rewrite-base"), target, params=out["state"].params)
-        row = self.train_row("base", self.workdir / "base")
-        return f"loss {row['loss']:.3f} after {row['step']} steps -> {target}"
+        return self.train_row(stage_file.removesuffix(".gin"), run)
+
+    def stage_base(self) -> str:
+        """Two phases: single rows (base.gin), then packed rows that see each other (base_context.gin)."""
+        target, phase1 = self.workdir / "base_hf", self.workdir / "base_rows_hf"
+        if (target / "config.json").is_file():
+            return f"exists: {target}"
+        if not (phase1 / "config.json").is_file():
+            self.train_and_export("base.gin", [], self.workdir / "base", phase1)
+        row = self.train_and_export("base_context.gin", [f"BASE_PHASE1 = '{phase1}'"],
+                                    self.workdir / "base_context", target)
+        return f"loss {row['loss']:.3f} after {row['step']} packed steps -> {target}"
 
     def stage_tagi(self) -> str:
         from jaxlm.train.tagi import run_parsed_config

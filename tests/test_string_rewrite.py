@@ -129,3 +129,24 @@ def test_thousands_of_rules_are_fast():
     assert cpu < 6.0, f"{cpu:.2f} s CPU for 210k examples"  # ~1 s CPU on an unloaded core
     noops, total = _check_every_example(config, data)
     assert total == 210_000 and noops == round(0.1 * 200_000) + round(0.1 * 10_000)
+
+
+def test_fresh_training_rule_tasks_are_seen_rules_with_new_inputs():
+    from jaxlm.data.string_rewrite import (
+        RewriteConfig,
+        apply_rule,
+        fresh_training_rule_tasks,
+        rewrite_tasks,
+    )
+
+    config = RewriteConfig(alphabet="abcdefghij", z_len=(6, 10), num_rules=20, examples_per_rule=5, num_heldout_rules=2)
+    train = rewrite_tasks(config, part="train")
+    fresh = fresh_training_rule_tasks(config, [0, 7, 19], examples=6)
+    assert [t.name for t in fresh] == [train[r].name for r in (0, 7, 19)]
+    for t, r in zip(fresh, (0, 7, 19)):
+        assert (t.metadata["x"], t.metadata["y"], t.metadata["rule_index"]) == (train[r].metadata["x"], train[r].metadata["y"], r)
+        assert len(t.instances) == 6
+        assert all(i.outputs == (apply_rule(t.metadata["x"], t.metadata["y"], i.input),) for i in t.instances)
+    seen_inputs = {i.input for t in train for i in t.instances}
+    assert sum(i.input not in seen_inputs for t in fresh for i in t.instances) >= 15  # mostly new strings
+    assert fresh == fresh_training_rule_tasks(config, [0, 7, 19], examples=6)  # deterministic

@@ -330,6 +330,20 @@ def rewrite_tasks(config: RewriteConfig | None, *, part: str | None = None) -> l
     return {"train": data.train, "test": data.heldout, None: data.train + data.heldout}[part]
 
 
+def fresh_training_rule_tasks(config: RewriteConfig, ranks: list[int], examples: int, stream: int = 7) -> list[TaskData]:
+    """Training rules `ranks` with `examples` NEW inputs each, drawn like training inputs from another
+    random stream (training uses 2, held-out 3): seen rules, mostly unseen strings (a short z can repeat
+    a training row). Tasks keep their training names and rule indices."""
+    import dataclasses
+
+    if any(not 0 <= r < config.num_rules for r in ranks):
+        raise UsageError(f"fresh_training_rule_tasks: ranks must lie in [0, {config.num_rules}), got {ranks}")
+    rules = sample_rules(config)
+    fresh = _tasks(config, [rules[r] for r in ranks], [examples] * len(ranks), 0, False, stream)
+    return [dataclasses.replace(t, name=f"rule{r:05d}", metadata={**t.metadata, "rule_index": r})
+            for t, r in zip(fresh, ranks)]
+
+
 def model_examples(task: TaskData) -> list[dict[str, Any]]:
     """A rule task's examples in the raw model form: {"inputs": "x|y|z=", "targets": rewritten z}."""
     x, y = task.metadata["x"], task.metadata["y"]
