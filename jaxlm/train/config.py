@@ -210,11 +210,11 @@ def register_configurables() -> None:
     from jaxlm.data.string_rewrite import (
         RewriteConfig,  # plain Python: no seqio/TensorFlow import
     )
+    from jaxlm.eval import methods, rewrite, sweep  # noqa: F401  (their @gin.configurable)
     from jaxlm.models.hypernet import HypernetConfig
     from jaxlm.models.llama import LlamaConfig
     from jaxlm.models.lora import LoraSpec
     from jaxlm.models.t5 import T5Config
-    from jaxlm.eval import methods, rewrite, sweep  # noqa: F401  (their @gin.configurable)
     from jaxlm.train import loop, objectives, optim, synthetic, tagi  # noqa: F401  (their @gin.configurable)
 
     for cls in (LlamaConfig, T5Config, LoraSpec, RewriteConfig, HypernetConfig):
