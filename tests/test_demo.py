@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import gin
 import pytest
 
 from jaxlm.eval.jsonl import read_jsonl
@@ -19,7 +20,8 @@ def demo_run(tmp_path_factory, shared_data):
     run = tmp_path_factory.mktemp("demo") / "run"
     assert main(["demo", "--workdir", str(run), "--gin_file", "experiments/tests/tiny_demo.gin",
                  "--gin", f"eval_sweep.data_dir = '{shared_data}'"]) == 0
-    return run
+    yield run
+    gin.clear_config()  # the demo's last parse binds configurables (CrossTask.sources, ...) other tests build
 
 
 def test_demo_writes_every_stage_output(demo_run):

@@ -258,7 +258,11 @@ def test_adapter_with_teachers_equals_the_engine_per_task(tiny, load, tmp_path):
 
 
 def test_method_config_errors():
+    import gin
+
     from jaxlm.errors import ConfigError
+
+    gin.clear_config()  # unbound defaults, whatever config an earlier test parsed
 
     with pytest.raises(ConfigError, match="Prompted.fmt 'fewshot'"):
         methods.Prompted("fewshot")
