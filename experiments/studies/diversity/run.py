@@ -1,7 +1,7 @@
 """Study 1, instruction diversity (Zhang et al. 2024): exact match on unseen rewrite rules vs the number N
 of distinct training rules, at a fixed total number of training examples and a fixed step budget.
 
-  python experiments/studies/diversity/run.py --workdir /tmp/studies/diversity/grid \
+  python experiments/studies/diversity/run.py --workdir runs/diversity \
       [--num_rules 100,300,1000,3000] [--frequency uniform,power_law] [--seeds 0,1] [--binding 'NUM_STEPS = 600']
 
 Every (N, frequency) point trains experiments/studies/diversity/diversity.gin from scratch (through

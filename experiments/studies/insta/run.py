@@ -1,6 +1,6 @@
 """INSTA study (issue 7, study 4): which Super-NI training tasks to LoRA-tune SmolLM2 on for a target?
 
-  nice -n 10 python experiments/studies/insta/run.py --workdir /tmp/studies/insta/run
+  python experiments/studies/insta/run.py --workdir runs/insta
 
 Conditions, one gin file each in this folder (all include lora.gin: same model, steps and batch):
   topk_minilm   the TOP_K training tasks whose definitions are most similar to the target's
