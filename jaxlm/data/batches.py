@@ -138,6 +138,18 @@ def materialize_task(task_name: str, split: str = "train", cache_dir: str | Path
 
 # ----------------------------------------------------------------------------- the iterator
 
+def check_iterator_state(state: Mapping[str, Any], keys: Sequence[str], *, seed: int, num_tasks: int,
+                         label: str, owner: str) -> None:
+    """Refuse a saved batch-iterator state that lacks `keys` or was written for another seed or task
+    count (resuming it would silently replay different batches)."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise UsageError(f"{label} state is missing {missing} (has {sorted(state)})")
+    if int(state["seed"]) != seed:
+        raise UsageError(f"{label} state has seed {state['seed']}, this iterator seed {seed}")
+    if len(state["counters"]) != num_tasks:
+        raise UsageError(f"{label} state has {len(state['counters'])} task counters, this {owner} {num_tasks} tasks")
+
 
 class MixtureBatches:
     """`jaxlm.features.BatchIterator` over tokenized tasks mixed at fixed rates.
@@ -197,13 +209,8 @@ class MixtureBatches:
                 "truncation": dict(self.truncation)}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        missing = [k for k in ("seed", "step", "draws", "counters", "truncation") if k not in state]
-        if missing:
-            raise UsageError(f"iterator state is missing {missing} (has {sorted(state)})")
-        if int(state["seed"]) != self.seed:
-            raise UsageError(f"iterator state has seed {state['seed']}, this iterator seed {self.seed}")
-        if len(state["counters"]) != len(self.tasks):
-            raise UsageError(f"iterator state has {len(state['counters'])} task counters, this mixture {len(self.tasks)} tasks")
+        check_iterator_state(state, ("seed", "step", "draws", "counters", "truncation"), seed=self.seed,
+                             num_tasks=len(self.tasks), label="iterator", owner="mixture")
         self._step, self._draws = int(state["step"]), int(state["draws"])
         self._counters = [int(c) for c in state["counters"]]
         self.truncation = {k: int(v) for k, v in state["truncation"].items()}

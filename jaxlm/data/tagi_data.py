@@ -34,7 +34,12 @@ from typing import Any
 import numpy as np
 
 from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length
-from jaxlm.data.batches import LAYOUTS, MixtureBatches, TokenizedTask
+from jaxlm.data.batches import (
+    LAYOUTS,
+    MixtureBatches,
+    TokenizedTask,
+    check_iterator_state,
+)
 from jaxlm.data.schema import TaskData
 from jaxlm.errors import DataError, UsageError
 from jaxlm.features import TEACHER_PREFIX
@@ -365,14 +370,8 @@ class TagiBatches:
                 "counters": list(self._counters), "truncation": dict(self.truncation)}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        missing = [k for k in ("seed", "step", "task_draws", "counters", "truncation") if k not in state]
-        if missing:
-            raise UsageError(f"TAGI iterator state is missing {missing} (has {sorted(state)})")
-        if int(state["seed"]) != self.seed:
-            raise UsageError(f"TAGI iterator state has seed {state['seed']}, this iterator seed {self.seed}")
-        if len(state["counters"]) != len(self.tasks):
-            raise UsageError(f"TAGI iterator state has {len(state['counters'])} task counters, this iterator "
-                             f"{len(self.tasks)} tasks")
+        check_iterator_state(state, ("seed", "step", "task_draws", "counters", "truncation"), seed=self.seed,
+                             num_tasks=len(self.tasks), label="TAGI iterator", owner="iterator")
         self._step, self._task_draws = int(state["step"]), int(state["task_draws"])
         self._counters = [int(c) for c in state["counters"]]
         self.truncation = {k: int(v) for k, v in state["truncation"].items()}
