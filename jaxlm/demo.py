@@ -135,15 +135,15 @@ class Demo:
 
         self.parse("eval_rewrite.gin", [f"BASE = '{self.workdir / 'base_hf'}'", f"HYPERNET = '{self.workdir / 'tagi'}'"])
         evaluator = gin.get_configurable(RewriteEval)()
-        have = {r["method"] for r in self.done("rewrite")}
 
         def report(row: dict[str, Any]) -> None:
             print(f"  {METHOD_LABELS.get(row['method'], row['method'])}: exact match {row['exact_match']:.2f}%, "
                   f"NLL/token {row['target_nll']:.3f}", flush=True)
-            if row["method"] not in have:
-                self.append([row])
+            self.append([row])
 
         rows = evaluator.run(self.workdir / "rewrite", on_result=report)
+        have = {r["method"] for r in self.done("rewrite")}  # rows evaluated by a run killed before appending
+        self.append([r for r in rows if r["method"] not in have])
         return f"{rows[0]['rules']} held-out rules x {rows[0]['examples'] // rows[0]['rules']} examples"
 
     def stage_smollm2(self) -> str:
@@ -190,9 +190,7 @@ class Demo:
                       f"{r['target_nll']:.3f} |" for r in rewrite]
             lines.append("")
         if smol:
-            tasks = list(dict.fromkeys(r["task"] for r in smol))
-            methods = list(dict.fromkeys(r["method"] for r in smol))
-            score = {(r["method"], r["task"]): r["score"] for r in smol}
+            tasks, methods, score = _score_grid(smol)
             lines += ["## SmolLM2-135M-Instruct on BIG-bench multiple choice (accuracy %)", "",
                       "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
             for m in methods:
@@ -227,9 +225,7 @@ class Demo:
             write_atomically(plots / "rewrite_methods.png", lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
             plt.close(fig)
         if smol:
-            tasks = list(dict.fromkeys(r["task"] for r in smol))
-            methods = list(dict.fromkeys(r["method"] for r in smol))
-            score = {(r["method"], r["task"]): r["score"] for r in smol}
+            tasks, methods, score = _score_grid(smol)
             fig, ax = plt.subplots(figsize=(8, 3.8))
             width = 0.8 / len(methods)
             for i, m in enumerate(methods):
@@ -257,6 +253,13 @@ class Demo:
             fig.tight_layout()
             write_atomically(plots / "training_loss.png", lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
             plt.close(fig)
+
+
+def _score_grid(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    """(tasks, methods) in first-seen order and {(method, task): score} of the SmolLM2 rows."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return tasks, methods, {(r["method"], r["task"]): r["score"] for r in rows}
 
 
 def _cell(text: str) -> str:

@@ -25,7 +25,7 @@ def test_prompt_ids_per_method():
     task = rewrite_tasks(CONFIG, part="test")[0]
     x, y = task.metadata["x"], task.metadata["y"]
     demos = rewrite.icil_demos(rewrite_tasks(CONFIG, part="train"), k=2, seed=3)
-    assert len({d[0].split("|")[:2].__repr__() for d in demos}) == 2  # two distinct rules
+    assert len({tuple(d[0].split("|")[:2]) for d in demos}) == 2  # two distinct rules
     assert demos == rewrite.icil_demos(rewrite_tasks(CONFIG, part="train"), k=2, seed=3)  # fixed by seed
     z = "abca"
     assert rewrite.prompt_ids("no_instruction", task, z) == _bytes("abca=")
