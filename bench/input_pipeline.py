@@ -48,7 +48,7 @@ def main() -> None:
 
     import jaxlm
     from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length
-    from jaxlm.data.batches import materialize_task, mixture_batches
+    from jaxlm.data.batches import build_mixture_batches, materialize_task
     from jaxlm.data.mixtures import mixture_from_tasks
     from jaxlm.data.sources import load_tasks
     from jaxlm.data.tasks import register_task_data
@@ -68,7 +68,7 @@ def main() -> None:
     python_tokenize_eps = num_examples / (time.perf_counter() - start)
 
     mixture_from_tasks("bench_superni_train", names, "proportional", cap=100)
-    batches = mixture_batches("bench_superni_train", batch_size=args.batch, max_input_len=args.max_input_len,
+    batches = build_mixture_batches("bench_superni_train", batch_size=args.batch, max_input_len=args.max_input_len,
                               max_target_len=args.max_target_len, seed=0)
     first = next(batches)
     start = time.perf_counter()

@@ -60,7 +60,7 @@ def run_jaxlm(mode: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
     from jaxlm.models.lora import LoraSpec
     from jaxlm.train.objectives import CausalLM
     from jaxlm.train.optim import make_optimizer
-    from jaxlm.train.sharding import make_mesh
+    from jaxlm.sharding import make_mesh
     from jaxlm.train.steps import TrainStep
 
     lora = LoraSpec(LORA_TARGETS, RANK, ALPHA) if mode == "lora" else None

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm.data.batches import MixtureBatches, materialize_task, mixture_batches
+from jaxlm.data.batches import MixtureBatches, build_mixture_batches, materialize_task
 from jaxlm.data.mixtures import mixture_from_tasks, mixture_rates
 from jaxlm.data.tasks import register_tasks
 from jaxlm.data.vocab import TokenizerVocabulary, byte_vocabulary
@@ -47,11 +47,11 @@ def _equal(a, b):
 @pytest.mark.parametrize("layout,pack", [("decoder_only", False), ("decoder_only", True), ("encoder_decoder", False), ("encoder_decoder", True)])
 def test_restore_gives_the_same_next_batches(superni_mix, layout, pack):
     kw = dict(batch_size=4, layout=layout, max_input_len=192, max_target_len=32, buckets=(64, 128, 256), pack=pack, seed=7)
-    run = mixture_batches("test_batches_superni", **kw)
+    run = build_mixture_batches("test_batches_superni", **kw)
     _take(run, 3)
     state = json.loads(json.dumps(run.state()))  # what a checkpoint stores
     expected = _take(run, 5)
-    fresh = mixture_batches("test_batches_superni", **kw)
+    fresh = build_mixture_batches("test_batches_superni", **kw)
     fresh.restore(state)
     resumed = _take(fresh, 5)
     assert _equal(resumed, expected)
@@ -61,20 +61,20 @@ def test_restore_gives_the_same_next_batches(superni_mix, layout, pack):
         assert b["decoder_input_tokens"].dtype == np.int32 and b["decoder_loss_weights"].dtype == np.float32
         assert b["decoder_input_tokens"].shape[1] in (64, 128, 256)
     # a different seed is a different stream
-    other = mixture_batches("test_batches_superni", **{**kw, "seed": 8})
-    assert not _equal(_take(other, 3), _take(mixture_batches("test_batches_superni", **kw), 3))
+    other = build_mixture_batches("test_batches_superni", **{**kw, "seed": 8})
+    assert not _equal(_take(other, 3), _take(build_mixture_batches("test_batches_superni", **kw), 3))
 
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_shards_partition_the_global_batch(superni_mix, pack):
     kw = dict(batch_size=8, max_input_len=160, max_target_len=32, buckets=(64, 128, 256), pack=pack, seed=3)
-    whole = _take(mixture_batches("test_batches_superni", **kw), 3)
-    parts = [_take(mixture_batches("test_batches_superni", **kw, shard_index=i, num_shards=4), 3) for i in range(4)]
+    whole = _take(build_mixture_batches("test_batches_superni", **kw), 3)
+    parts = [_take(build_mixture_batches("test_batches_superni", **kw, shard_index=i, num_shards=4), 3) for i in range(4)]
     for step, batch in enumerate(whole):
         for name, value in batch.items():
             assert np.array_equal(np.concatenate([p[step][name] for p in parts]), value), name
     with pytest.raises(UsageError, match="divisible"):
-        mixture_batches("test_batches_superni", batch_size=6, num_shards=4)
+        build_mixture_batches("test_batches_superni", batch_size=6, num_shards=4)
 
 
 def _examples(task_name):
@@ -84,7 +84,7 @@ def _examples(task_name):
 
 def test_decoder_only_loss_weights_are_exactly_the_target_tokens(superni_mix, smollm2_vocab):
     examples = {name: _examples(name) for name in superni_mix}
-    run = mixture_batches("test_batches_superni", batch_size=8, max_input_len=4096, max_target_len=512, seed=1)
+    run = build_mixture_batches("test_batches_superni", batch_size=8, max_input_len=4096, max_target_len=512, seed=1)
     eos = smollm2_vocab.eos_id
     for batch in _take(run, 3):
         tokens, labels, weights = batch["decoder_input_tokens"], batch["decoder_target_tokens"], batch["decoder_loss_weights"]
@@ -103,7 +103,7 @@ def test_decoder_only_loss_weights_are_exactly_the_target_tokens(superni_mix, sm
 def test_packing_restarts_segments_and_never_predicts_across_them(superni_mix):
     examples = set().union(*(_examples(name) for name in superni_mix))
     width = 512
-    run = mixture_batches("test_batches_superni", batch_size=4, max_input_len=448, max_target_len=64,
+    run = build_mixture_batches("test_batches_superni", batch_size=4, max_input_len=448, max_target_len=64,
                           buckets=(width,), pack=True, seed=2)
     segments_seen = 0
     for batch in _take(run, 3):
@@ -128,7 +128,7 @@ def test_packing_restarts_segments_and_never_predicts_across_them(superni_mix):
 
 def test_encoder_decoder_layout(superni_mix, smollm2_vocab):
     examples = set().union(*(_examples(name) for name in superni_mix))
-    batch = next(mixture_batches("test_batches_superni", batch_size=4, layout="encoder_decoder",
+    batch = next(build_mixture_batches("test_batches_superni", batch_size=4, layout="encoder_decoder",
                                  max_input_len=4096, max_target_len=512, seed=0))
     for r in range(4):
         ne = int(batch["encoder_segment_ids"][r].sum())
@@ -141,14 +141,14 @@ def test_encoder_decoder_layout(superni_mix, smollm2_vocab):
 
 
 def test_truncation_policy_is_applied_and_counted(superni_mix, smollm2_vocab):
-    run = mixture_batches("test_batches_superni", batch_size=8, max_input_len=64, max_target_len=8,
+    run = build_mixture_batches("test_batches_superni", batch_size=8, max_input_len=64, max_target_len=8,
                           buckets=(16, 32, 64, 128), seed=4)
     tasks = [materialize_task(n, "train") for n in superni_mix]
     batches = _take(run, 4)
     counts = run.state()["truncation"]
     assert counts["examples"] == 32
     # recount from the raw lengths of the examples the stream consumed (same seed, fresh sampler)
-    probe = mixture_batches("test_batches_superni", batch_size=1, max_input_len=64, max_target_len=8, seed=4)
+    probe = build_mixture_batches("test_batches_superni", batch_size=1, max_input_len=64, max_target_len=8, seed=4)
     consumed = [probe._consume() for _ in range(32)]
     long_in = sum(len(tasks[t].inputs(e)) > 64 for t, e in consumed)
     long_tgt = sum(len(tasks[t].targets(e)) > 8 for t, e in consumed)
@@ -182,7 +182,7 @@ def test_empirical_task_rates_follow_the_mixture(bbh_tasks, scheme):
     expected = expected / expected.sum()
     np.testing.assert_allclose([rates[n] for n in bbh_tasks], expected, rtol=1e-12)
     mixture_from_tasks(f"test_rates_{scheme}", bbh_tasks, rates)
-    run = mixture_batches(f"test_rates_{scheme}", batch_size=64, max_input_len=64, max_target_len=16, seed=11)
+    run = build_mixture_batches(f"test_rates_{scheme}", batch_size=64, max_input_len=64, max_target_len=16, seed=11)
     counts = np.bincount(np.concatenate([b["task_index"] for b in _take(run, 150)]), minlength=4)
     empirical = counts / counts.sum()
     # 9600 draws: binomial std <= 0.005; allow 4 sigma
@@ -199,7 +199,7 @@ def test_iterator_rejects_a_foreign_state(bbh_tasks):
 
 
 def test_rewrite_batches_for_the_tiny_from_scratch_model():
-    from jaxlm.data.batches import rewrite_batches
+    from jaxlm.data.mixtures import rewrite_batches
     from jaxlm.data.string_rewrite import RewriteConfig, apply_rule
 
     config = RewriteConfig(num_rules=50, examples_per_rule=4, num_heldout_rules=5, frequency="power_law", seed=3)
@@ -230,13 +230,13 @@ def test_decoder_only_rows_start_with_bos_when_the_tokenizer_adds_one(shared_dat
     (name,) = register_tasks("superni", shared_data / "superni", vocabulary=with_bos,
                              names=["task648_answer_generation"], max_instances=8)
     examples = _examples(name)
-    batch = next(mixture_batches(name, batch_size=4, max_input_len=4096, max_target_len=512, seed=0))
+    batch = next(build_mixture_batches(name, batch_size=4, max_input_len=4096, max_target_len=512, seed=0))
     assert with_bos.bos_id == 1 and (batch["decoder_input_tokens"][:, 0] == 1).all()
     for r in range(4):
         w = batch["decoder_loss_weights"][r] > 0
         start = np.flatnonzero(w)[0] + 1
         assert (tuple(batch["decoder_input_tokens"][r, 1:start]), tuple(batch["decoder_target_tokens"][r, w])) in examples
-    enc = next(mixture_batches(name, batch_size=4, layout="encoder_decoder", max_input_len=4096, max_target_len=512, seed=0))
+    enc = next(build_mixture_batches(name, batch_size=4, layout="encoder_decoder", max_input_len=4096, max_target_len=512, seed=0))
     assert (enc["encoder_input_tokens"][:, 0] != 1).all()  # BOS is a decoder-only prompt convention
 
 

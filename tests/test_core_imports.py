@@ -5,8 +5,8 @@ import sys
 
 CORE_MODULES = [
     "jaxlm.models.llama", "jaxlm.models.t5", "jaxlm.models.bert", "jaxlm.models.lora", "jaxlm.models.decoding",
-    "jaxlm.train.steps", "jaxlm.train.loop", "jaxlm.train.objectives", "jaxlm.train.config", "jaxlm.train.plan",
-    "jaxlm.train.distributed", "jaxlm.train.embedder_tuning", "jaxlm.checkpoints.train_state",
+    "jaxlm.train.steps", "jaxlm.train.loop", "jaxlm.train.objectives", "jaxlm.experiment.gin_config", "jaxlm.train.plan",
+    "jaxlm.distributed", "jaxlm.train.embedder_tuning", "jaxlm.checkpoints.train_state",
     "jaxlm.eval.engine", "jaxlm.eval.metrics", "jaxlm.eval.methods", "jaxlm.eval.sweep", "jaxlm.eval.report",
     "jaxlm.eval.commands", "jaxlm.models.hypernet", "jaxlm.train.tagi", "jaxlm.checkpoints.hypernet", "jaxlm.cli",
 ]
@@ -16,7 +16,7 @@ def test_core_modules_and_gin_parsing_do_not_import_tensorflow():
     code = (
         "import sys, importlib\n"
         f"for m in {CORE_MODULES!r}: importlib.import_module(m)\n"
-        "from jaxlm.train.config import parse_config\n"
+        "from jaxlm.experiment.gin_config import parse_config\n"
         "parse_config(['experiments/smollm2_lora_superni.gin'])\n"  # names seqio data, must not load it
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'seqio'))\n"
         "print('LOADED', bad[:5])\n"

@@ -8,7 +8,7 @@ import json
 import gin
 import pytest
 
-from jaxlm.eval.jsonl import read_jsonl
+from jaxlm.jsonl import read_jsonl
 
 pytestmark = pytest.mark.slow
 

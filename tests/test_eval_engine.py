@@ -134,7 +134,7 @@ def test_compile_count_is_bounded_and_reported_honestly(llama):
 
 
 def test_sharded_engine_equals_unsharded(llama):
-    from jaxlm.train.sharding import make_mesh
+    from jaxlm.sharding import make_mesh
 
     mesh = make_mesh("data=4,fsdp=2")
     assert len(jax.devices()) == 8

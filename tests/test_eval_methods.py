@@ -15,7 +15,8 @@ import pytest
 from jaxlm.data.schema import Demo
 from jaxlm.eval import methods
 from jaxlm.eval.engine import GenerateResult
-from jaxlm.eval.sweep import load_tokenizer, split_instances
+from jaxlm.checkpoints.pretrained import load_tokenizer
+from jaxlm.eval.sweep import split_instances
 
 COPA = "task1393_superglue_copa_text_completion"
 TOPIC = "task645_summarization"

@@ -19,7 +19,7 @@ TINY = str(REPO / "experiments/tests/tiny_eval.gin")
 
 def _parse(shared_data, *extra):
     from jaxlm.eval import sweep  # noqa: F401  (registers the eval configurables)
-    from jaxlm.train.config import parse_config
+    from jaxlm.experiment.gin_config import parse_config
 
     parse_config([TINY], [f"eval_sweep.data_dir = '{shared_data}'", "eval_sweep.progress = False", *extra])
 

@@ -16,7 +16,7 @@ from jaxlm.models.llama import Llama, LlamaConfig
 from jaxlm.models.lora import LoraSpec
 from jaxlm.models.t5 import T5, T5Config
 from jaxlm.train import losses
-from jaxlm.train.sharding import LOGICAL_RULES, logical_to_spec
+from jaxlm.sharding import LOGICAL_RULES, logical_to_spec
 
 N, T, B, L = 2, 6, 3, 7
 

@@ -14,8 +14,8 @@ import pytest
 
 from jaxlm.checkpoints.train_state import TrainCheckpointer
 from jaxlm.errors import UsageError
-from jaxlm.train.config import parse_config
-from jaxlm.train.distributed import data_shard, detect_cluster, global_batch, initialize_distributed
+from jaxlm.experiment.gin_config import parse_config
+from jaxlm.distributed import data_shard, detect_cluster, global_batch, initialize_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "experiments/tests/tiny_lm.gin"

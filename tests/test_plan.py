@@ -10,7 +10,7 @@ import pytest
 
 from jaxlm.cli import main
 from jaxlm.errors import ConfigError
-from jaxlm.train.config import parse_config
+from jaxlm.experiment.gin_config import parse_config
 from jaxlm.train.plan import GIB, abstract_batch, plan_run
 
 REPO = Path(__file__).resolve().parents[1]

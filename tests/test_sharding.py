@@ -12,7 +12,7 @@ from jaxlm.models import lora as lora_lib
 from jaxlm.models.bert import BertConfig
 from jaxlm.models.llama import LlamaConfig
 from jaxlm.models.t5 import T5Config
-from jaxlm.train import sharding
+from jaxlm import sharding
 
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.checkpoints.instruction_codec import text_codec
 from jaxlm.data import tagi_data as td
 from jaxlm.data.string_rewrite import RewriteConfig, rewrite_tasks
 from jaxlm.errors import ConfigError, UsageError
@@ -27,7 +28,7 @@ def _batches(**kw):
     args = {"batch_size": 8, "tasks_per_batch": 4, "max_input_len": 32, "max_target_len": 16,
             "max_instruction_len": 16, "buckets": (16, 32)}
     args.update(kw)
-    return td.tagi_batches(td.rewrite_tagi_tasks(RULES), td.text_codec("bytes"), **args)
+    return td.tagi_batches(td.rewrite_tagi_tasks(RULES), text_codec("bytes"), **args)
 
 
 def test_grouped_batches_layout_and_exact_resume():
@@ -70,7 +71,7 @@ def test_global_task_index_and_passages(tmp_path):
     td.write_passages(rewrite_tasks(RULES, part="train"), tmp_path)
     passages = td.passage_tagi_tasks(tmp_path, first_fraction=0.5, context_tokens=3, min_tokens=8)
     p = passages[1]
-    codec = td.text_codec("bytes")
+    codec = text_codec("bytes")
     text = td.read_passages(tmp_path)[1]
     ids = codec.encode(text)
     assert p.instruction.tolist() + p.student.targets(0).tolist()[:-1] == ids  # first segment + continuation
@@ -119,12 +120,12 @@ def test_bad_config_raises_config_error_naming_the_binding(tmp_path):
         _objective(init_from=str(tmp_path))
     with pytest.raises(ConfigError, match="fusion"):
         _objective(hypernet=HypernetConfig(lora=HYPER.lora, width=32, depth=1, num_heads=2, fusion=True))
-    from jaxlm.train.config import parse_config
+    from jaxlm.experiment.gin_config import parse_config
 
     with pytest.raises(ConfigError, match="w_typo"):
         parse_config(["experiments/tests/tiny_tagi.gin"], ["TAGIDistillation.w_typo = 1.0"])
     with pytest.raises(ConfigError, match="tagi_data.source"):
-        from jaxlm.train.config import tagi_data
+        from jaxlm.experiment.gin_config import tagi_data
 
         tagi_data(source="nope", batch_size=2, tasks_per_batch=1)
 
@@ -174,14 +175,14 @@ def test_two_stage_run_lowers_each_loss_exports_and_matches_peft(tmp_path):
 
 @pytest.mark.slow
 def test_stage2_resume_reproduces_uninterrupted_losses(tmp_path):
-    from jaxlm.train.config import parse_config
-    from jaxlm.train.tagi import tagi_two_stage
+    from jaxlm.experiment.gin_config import parse_config
+    from jaxlm.experiment.runner import tagi_pipeline
 
     def run(workdir, steps, stages=("stage2",)):
         parse_config(["experiments/tests/tiny_tagi.gin"], [
-            f"tagi_two_stage.stages = {stages!r}", f"stage2/train.num_steps = {steps}",
+            f"tagi_pipeline.stages = {stages!r}", f"stage2/train.num_steps = {steps}",
             "stage2/TAGIDistillation.w_ins = 0.0", "train.checkpoint_every = 2", "make_optimizer.total_steps = 4"])
-        return tagi_two_stage(workdir)
+        return tagi_pipeline(workdir)
 
     full = run(tmp_path / "a", 4)["losses"]
     run(tmp_path / "b", 2)
@@ -221,7 +222,7 @@ def test_t5_with_instruction_fusion_trains_and_paper_config_builds():
     import gin
 
     from jaxlm.models.t5 import T5Config
-    from jaxlm.train.config import parse_config
+    from jaxlm.experiment.gin_config import parse_config
     from jaxlm.train.tagi import TAGIDistillation
 
     t5 = T5Config(vocab_size=259, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)

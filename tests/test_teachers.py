@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.train.config import parse_config
+from jaxlm.experiment.gin_config import parse_config
 from jaxlm.train.loop import train
-from jaxlm.train.objectives import load_teachers
+from jaxlm.checkpoints.teachers import load_teachers
 from jaxlm.train.synthetic import SyntheticBatches
 
 

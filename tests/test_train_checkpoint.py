@@ -16,7 +16,7 @@ from jaxlm.checkpoints.train_state import CorruptCheckpointWarning, TrainCheckpo
 from jaxlm.models.llama import LlamaConfig
 from jaxlm.train.objectives import CausalLM
 from jaxlm.train.optim import make_optimizer
-from jaxlm.train.sharding import make_mesh
+from jaxlm.sharding import make_mesh
 from jaxlm.train.steps import TrainStep
 from jaxlm.train.synthetic import SyntheticBatches
 

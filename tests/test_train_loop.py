@@ -13,7 +13,7 @@ import pytest
 from jaxlm.cli import main
 from jaxlm.errors import ConfigError
 from jaxlm.models.llama import LlamaConfig
-from jaxlm.train.config import parse_config
+from jaxlm.experiment.gin_config import parse_config
 from jaxlm.train.loop import NonFiniteLossError, train
 from jaxlm.train.metrics import read_metrics
 from jaxlm.train.objectives import CausalLM

@@ -11,7 +11,7 @@ from jaxlm.models.t5 import T5, T5Config
 from jaxlm.train import losses
 from jaxlm.train.objectives import CausalLM, Seq2SeqLM
 from jaxlm.train.optim import make_optimizer, make_schedule
-from jaxlm.train.sharding import make_mesh
+from jaxlm.sharding import make_mesh
 from jaxlm.train.steps import TrainStep
 from jaxlm.train.synthetic import SyntheticBatches
 

@@ -4,13 +4,13 @@
 The same code path as a TPU pod or a SLURM GPU job, on a laptop: each process gets
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, its own
 --xla_force_host_platform_device_count fake CPU devices, and calls
-`jaxlm.train.distributed.initialize_distributed()` before the command runs.
+`jaxlm.distributed.initialize_distributed()` before the command runs.
 
     python tpu_gpu_launch/local_multiprocess.py --num_processes 2 --devices_per_process 4 -- \\
         jaxlm train --gin_file experiments/tests/tiny_lm.gin --gin.train.mesh_shape="'data=2,fsdp=4'" \\
         --gin.train.num_steps=20 --workdir /tmp/tiny_2proc
 
-`-- jaxlm ARGS...` runs `python -m jaxlm.train.distributed ARGS...` (initialise, then the jaxlm CLI)
+`-- jaxlm ARGS...` runs `python -m jaxlm.launch ARGS...` (initialise, then the jaxlm CLI)
 in each process; `-- python script.py ARGS...` (or any other
 command) runs it with the environment set, and the script calls `initialize_distributed()` itself.
 Process 0's output is shown as is, the others' lines are prefixed `[pN]`. Exits with the first
@@ -53,7 +53,7 @@ def worker_env(process_id: int, num_processes: int, devices_per_process: int, po
 
 def worker_command(command: list[str]) -> list[str]:
     if command[0] == "jaxlm":
-        return [sys.executable, "-m", "jaxlm.train.distributed", *command[1:]]
+        return [sys.executable, "-m", "jaxlm.launch", *command[1:]]
     if command[0] in ("python", "python3"):
         return [sys.executable, *command[1:]]
     return command

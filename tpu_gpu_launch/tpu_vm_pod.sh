@@ -1,7 +1,7 @@
 #!/bin/bash
 # Multi-host training on a Cloud TPU VM pod slice: the same command on every worker at once
 # (`gcloud compute tpus tpu-vm ssh --worker=all`); JAX discovers the slice itself (TPU metadata:
-# worker hostnames and ids), via jaxlm.train.distributed.initialize_distributed().
+# worker hostnames and ids), via jaxlm.distributed.initialize_distributed().
 #
 #   tpu_gpu_launch/tpu_vm_pod.sh TPU_NAME ZONE GIN_FILE WORKDIR [--gin.KEY=value ...]
 #   e.g. tpu_gpu_launch/tpu_vm_pod.sh my-v5e-256 us-west4-a experiments/llama_7b_finetune.gin \
@@ -32,5 +32,5 @@ for arg in "$@"; do EXTRA+=" $(printf '%q' "$arg")"; done
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e; cd $REMOTE_REPO
   export PYTHONPATH=\$PWD\${PYTHONPATH:+:\$PYTHONPATH}
-  $PYTHON -m jaxlm.train.distributed train --gin_file $(printf '%q' "$GIN_FILE") --workdir $(printf '%q' "$WORKDIR")$EXTRA
+  $PYTHON -m jaxlm.launch train --gin_file $(printf '%q' "$GIN_FILE") --workdir $(printf '%q' "$WORKDIR")$EXTRA
 "

@@ -37,11 +37,46 @@ PARAMS_FILE = "hypernet.safetensors"
 FORMAT = 1
 
 
+def hypernet_metadata(objective: Any) -> dict[str, Any]:
+    """What `load_hypernet` needs besides params: the hypernet config and how instructions are read.
+
+    Args:
+      objective: a `jaxlm.train.tagi.TAGIDistillation` (read for `hypernet`, `spec`, `train_encoder`,
+        `instruction_codec`, `teacher_format`, `student_format`).
+
+    Returns:
+      A JSON-ready dict with keys "hypernet", "train_encoder", "instruction".
+    """
+    cfg = dataclasses.asdict(objective.hypernet)
+    cfg["lora"] = {"targets": list(objective.spec.targets), "rank": objective.spec.rank, "alpha": objective.spec.alpha}
+    return {
+        "hypernet": cfg,
+        "train_encoder": objective.train_encoder,
+        "instruction": {"codec": objective.instruction_codec, "teacher_format": objective.teacher_format,
+                        "student_format": objective.student_format},
+    }
+
+
+def find_hypernet_dir(path: str | Path, missing_ok: bool = False) -> Path | None:
+    """A hypernet export dir from a path to it, to a run dir (`hypernet/`), or to a TAGI pipeline run
+    dir (`stage2/hypernet/`, else `stage1/hypernet/`).
+
+    Raises:
+      CheckpointError: none of those holds a hypernet.json (unless `missing_ok`: then None).
+    """
+    root = Path(path)
+    for candidate in (root, root / "hypernet", root / "stage2" / "hypernet", root / "stage1" / "hypernet"):
+        if (candidate / HYPERNET_CONFIG).is_file():
+            return candidate
+    if missing_ok:
+        return None
+    raise CheckpointError(f"{path}: no {HYPERNET_CONFIG} in it, its hypernet/ or stage2/hypernet/ "
+                          "(pass the workdir of a finished TAGI run)")
+
+
 def save_hypernet(directory: str | Path, objective: Any, trainable: Any, frozen: Any) -> Path:
     """Write DIR atomically (temp dir renamed into place) from a `TAGIDistillation` and its params."""
     from safetensors.numpy import save_file
-
-    from jaxlm.train.tagi import hypernet_metadata
 
     tensors = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten(trainable).items()}
     source = Path(objective.pretrained) if objective.pretrained else None
@@ -101,7 +136,7 @@ class Hypernet:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        from jaxlm.data.tagi_data import text_codec
+        from jaxlm.checkpoints.instruction_codec import text_codec
         from jaxlm.models import hypernet as hyper_lib
         from jaxlm.models.lora import unbox
 
@@ -138,9 +173,9 @@ class Hypernet:
     def adapters(self, instructions: Sequence[str]) -> LoraWeights:
         """One adapter per instruction, leaves (N, ...): the hypernetwork runs once per instruction,
         in padded batches of `batch_size` (bucketed lengths: a few compiled shapes)."""
-        return self.generate(instructions)[0]
+        return self.emit_lora(instructions)[0]
 
-    def generate(self, instructions: Sequence[str]) -> tuple[LoraWeights, Any]:
+    def emit_lora(self, instructions: Sequence[str]) -> tuple[LoraWeights, Any]:
         """(adapters, fused instruction states or None) for encoder-decoder fusion."""
         if not instructions:
             raise ValueError("adapters() needs at least one instruction")
@@ -189,7 +224,5 @@ def _load(directory: str) -> Hypernet:
 
 
 def load_hypernet(path: str | Path) -> Hypernet:
-    """The hypernetwork of DIR, of a run dir (RUN/hypernet) or of a two-stage run (RUN/stage2/hypernet)."""
-    from jaxlm.train.tagi import find_hypernet_dir
-
+    """The hypernetwork of DIR, of a run dir (RUN/hypernet) or of a TAGI pipeline run (RUN/stage2/hypernet)."""
     return _load(str(find_hypernet_dir(path).resolve()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -106,7 +107,7 @@ class Pretrained:
         return family(self.family).module(self.config)
 
     def logical_axes(self) -> Any:
-        """Logical PartitionSpecs of every param (for `jaxlm.train.sharding`)."""
+        """Logical PartitionSpecs of every param (for `jaxlm.sharding`)."""
         return nn.get_partition_spec(abstract_params(self.family, self.config))
 
 
@@ -152,6 +153,34 @@ def resolve_path(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"{path}: no such file or directory (nor a known model name: {sorted(WEIGHT_PACKAGES)})")
     return p
+
+
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """Only the tokenizer of a model (weight-package name, HF dir or .gguf), its weights never read: a
+    GGUF's metadata is parsed without dequantizing a tensor. A fresh object on every call (seqio
+    vocabularies compare tokenizers by identity); `load_tokenizer` is the cached form.
+
+    Raises:
+      CheckpointError: the path is neither a HF directory nor a .gguf file, or its tokenizer is unreadable.
+    """
+    p = resolve_path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        import gguf
+
+        from jaxlm.checkpoints.gguf import read_fields
+
+        return Tokenizer.from_gguf_fields(read_fields(gguf.GGUFReader(str(p))), str(p))
+    if p.is_dir():
+        config_file = p / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        return Tokenizer.from_hf_dir(p, config)
+    raise CheckpointError(f"{p}: expected a Hugging Face model directory or a .gguf file")
+
+
+@functools.cache
+def load_tokenizer(name: str) -> Tokenizer:
+    """`read_tokenizer`, once per process and name."""
+    return read_tokenizer(name)
 
 
 def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:

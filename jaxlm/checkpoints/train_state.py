@@ -42,7 +42,9 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, keep_every: int | None = None,
-                 async_save: bool = True) -> None:
+                 async_save: bool = True, read_only: bool = False) -> None:
+        """`read_only`: open to restore only (no directory created, unfinished saves of a run still
+        writing are left alone)."""
         if keep_last < 1:
             raise CheckpointError(f"TrainCheckpointer keep_last={keep_last}: must be >= 1 (the newest step is needed to resume)")
         if keep_every is not None and keep_every < 1:
@@ -50,8 +52,8 @@ class TrainCheckpointer:
         # local paths and gs:// buckets (TPU pods) alike
         self.directory = epath.Path(directory) if "://" in str(directory) else epath.Path(Path(directory).absolute())
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last, keep_period=keep_every, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True,  # leftovers of saves killed midway (never listed as steps)
+            max_to_keep=keep_last, keep_period=keep_every, enable_async_checkpointing=async_save, create=not read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of saves killed midway (never listed as steps)
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
 

@@ -362,7 +362,7 @@ class MixtureBatches:
 # ----------------------------------------------------------------------------- constructors
 
 
-def mixture_batches(
+def build_mixture_batches(
     mixture_or_task: str,
     *,
     batch_size: int,
@@ -394,33 +394,4 @@ def mixture_batches(
         tokenized, [r for _, r in pairs], batch_size=batch_size, layout=layout, max_input_len=max_input_len,
         max_target_len=max_target_len, buckets=buckets, pack=pack, seed=seed, shard_index=shard_index,
         num_shards=num_shards, eos_id=vocab.eos_id, bos_id=bos_to_prepend(vocab) if layout == "decoder_only" else None,
-    )
-
-
-def rewrite_batches(
-    config: Any,
-    *,
-    batch_size: int,
-    layout: str = "decoder_only",
-    max_input_len: int = 256,
-    max_target_len: int = 128,
-    buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
-    pack: bool = False,
-    seed: int = 0,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    part: str = "train",
-    vocabulary: Any = None,
-    rate: Any = "proportional",
-) -> MixtureBatches:
-    """Register a string-rewrite diversity mixture from a `RewriteConfig` and batch it (byte vocab by default).
-
-    part "train": the training rules; "test": the held-out rules (e.g. to score unseen rules)."""
-    from jaxlm.data.mixtures import register_rewrite_mixture
-
-    name = register_rewrite_mixture(config, part=part, vocabulary=vocabulary, rate=rate)
-    return mixture_batches(
-        name, batch_size=batch_size, layout=layout, max_input_len=max_input_len, max_target_len=max_target_len,
-        buckets=buckets, pack=pack, seed=seed, shard_index=shard_index, num_shards=num_shards,
-        split="train" if part == "train" else "test",  # held-out rules are registered as test tasks
     )

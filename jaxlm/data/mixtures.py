@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import seqio
 
+from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS
+from jaxlm.data.batches import MixtureBatches, build_mixture_batches, materialize_task
 from jaxlm.errors import UsageError
 
 RATE_SCHEMES = ("proportional", "uniform", "temperature")
@@ -26,8 +28,6 @@ def num_examples(task_name: str, split: str = "train") -> int:
     task = seqio.TaskRegistry.get(task_name)
     n = task.num_input_examples(split)
     if n is None:
-        from jaxlm.data.batches import materialize_task
-
         n = materialize_task(task_name, split).num_examples
     return int(n)
 
@@ -106,3 +106,30 @@ def register_rewrite_mixture(
     split = "train" if part == "train" else "test"
     mixture_from_tasks(name, names, rate, split=split)
     return name
+
+
+def rewrite_batches(
+    config: Any,
+    *,
+    batch_size: int,
+    layout: str = "decoder_only",
+    max_input_len: int = 256,
+    max_target_len: int = 128,
+    buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+    pack: bool = False,
+    seed: int = 0,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    part: str = "train",
+    vocabulary: Any = None,
+    rate: Any = "proportional",
+) -> MixtureBatches:
+    """Register a string-rewrite diversity mixture from a `RewriteConfig` and batch it (byte vocab by default).
+
+    part "train": the training rules; "test": the held-out rules (e.g. to score unseen rules)."""
+    name = register_rewrite_mixture(config, part=part, vocabulary=vocabulary, rate=rate)
+    return build_mixture_batches(
+        name, batch_size=batch_size, layout=layout, max_input_len=max_input_len, max_target_len=max_target_len,
+        buckets=buckets, pack=pack, seed=seed, shard_index=shard_index, num_shards=num_shards,
+        split="train" if part == "train" else "test",  # held-out rules are registered as test tasks
+    )

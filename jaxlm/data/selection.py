@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from jaxlm.data.embedding_cache import CachedEmbedder
 from jaxlm.data.prompts import instruction_text
 from jaxlm.data.schema import TaskData
-from jaxlm.data.sources import load_tasks
 from jaxlm.errors import DataError, JaxlmError, UsageError
 
 PRETRAINED_ENCODER = "all-minilm-l6-v2"
@@ -152,56 +150,3 @@ def encoder_id(encoder: str) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return f"aligned-{digest.hexdigest()[:16]}"
-
-
-def select_command(args: Any) -> int:
-    """`jaxlm select`: print the top-k source tasks for a target as JSON lines {rank, task, score}.
-
-    Super-NI sources are the training tasks of `--split` found on disk and the target may be any task
-    on disk (a test task included); for BIG-bench / BBH (no splits) every task is a source.
-    """
-    if args.top_k < 1:
-        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
-    if args.text not in TEXT_VIEWS:
-        raise UsageError(f"--text {args.text!r} is not a known instruction view; known: {sorted(TEXT_VIEWS)}")
-    if args.source == "superni":
-        split = getattr(args, "split", None) or "default"
-        sources = load_tasks(args.source, args.data_dir, split=split, part="train")
-        target = sources.get(args.target) or find_task(args.target, load_tasks(args.source, args.data_dir))
-    else:
-        sources = load_tasks(args.source, args.data_dir)
-        target = find_task(args.target, sources)
-    if not [name for name in sources if name != target.name]:
-        raise DataError(f"--data_dir {args.data_dir}: no {args.source} source tasks to rank for {target.name!r}")
-    embedder = load_encoder(args.encoder, getattr(args, "cache_dir", None))
-    ranking = rank_sources(target, sources, embedder=embedder, text=args.text)
-    for rank, (name, score) in enumerate(ranking[: args.top_k], start=1):
-        print(json.dumps({"rank": rank, "task": name, "score": round(score, 6)}))
-    return 0
-
-
-def align_encoder_command(args: Any) -> int:
-    """`jaxlm align-encoder`: tune the aligned INSTA
-    encoder on the training tasks' instructions and write it to `--output_dir` for `--encoder DIR`.
-
-    args: data_dir, source, split, output_dir, group_by ("task" | "category"), steps, batch_size,
-    learning_rate, temperature, seed, max_length. Prints one JSON line {output_dir, groups, steps,
-    first_loss, last_loss}.
-    """
-    from jaxlm.checkpoints.pretrained import export_hf, load_pretrained
-    from jaxlm.train.embedder_tuning import tune_embedder
-
-    split = getattr(args, "split", None) or "default"
-    part = "train" if args.source == "superni" else None
-    tasks = load_tasks(args.source, args.data_dir, split=split if part else None, part=part)
-    groups = instruction_groups(tasks, by=args.group_by)
-    if len(groups) < 2:
-        raise DataError(f"--data_dir {args.data_dir}: {len(groups)} instruction group(s) by {args.group_by}; need at least 2")
-    tuned, losses = tune_embedder(
-        load_pretrained(PRETRAINED_ENCODER), groups, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, temperature=args.temperature, seed=args.seed, max_length=args.max_length,
-    )
-    path = export_hf(tuned, args.output_dir)
-    print(json.dumps({"output_dir": str(path), "groups": len(groups), "steps": len(losses),
-                      "first_loss": round(losses[0], 6), "last_loss": round(losses[-1], 6)}))
-    return 0

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm.data.schema import Demo, Instance, TaskData
-from jaxlm.data.sources import (
+from jaxlm.data.task_files import (
     bad_field,
     cached_by_mtime,
     expect_str,

@@ -26,7 +26,7 @@ the training tasks. No TensorFlow at import (the SmolLM2 tokenizer is loaded laz
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,50 +40,13 @@ from jaxlm.data.batches import (
     TokenizedTask,
     check_iterator_state,
 )
+from jaxlm.checkpoints.instruction_codec import BYTES, TextCodec, text_codec
+from jaxlm.checkpoints.teachers import teacher_indices
 from jaxlm.data.schema import TaskData
 from jaxlm.errors import DataError, UsageError
 from jaxlm.features import TEACHER_PREFIX
 
-BYTES = "bytes"
 STUDENT_FORMATS = ("query", "none")
-
-
-# ----------------------------------------------------------------------------- text -> ids
-
-
-@dataclass(frozen=True)
-class TextCodec:
-    """How text becomes ids for one vocabulary: `encode` (no specials), EOS appended to targets, and the
-    BOS a decoder-only row starts with (None: byte vocab, SmolLM2)."""
-
-    name: str
-    encode: Callable[[str], list[int]]
-    decode: Callable[[Sequence[int]], str]
-    eos_id: int | None
-    bos_id: int | None
-
-
-def _byte_encode(text: str) -> list[int]:
-    return [b + 3 for b in text.encode("utf-8")]
-
-
-def _byte_decode(ids: Sequence[int]) -> str:
-    return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode("utf-8", errors="replace")
-
-
-def text_codec(spec: str, tokenizer: Any = None) -> TextCodec:
-    """"bytes" (seqio.ByteVocabulary ids: byte + 3, EOS 1, no BOS) or a model name / HF dir / .gguf whose
-    tokenizer is read without its weights (or `tokenizer`, a `jaxlm.checkpoints.tokenizer.Tokenizer`)."""
-    if spec == BYTES:
-        return TextCodec(BYTES, _byte_encode, _byte_decode, 1, None)
-    if tokenizer is None:
-        from jaxlm.data.vocab import tokenizer_vocabulary
-
-        tokenizer = tokenizer_vocabulary(spec).tokenizer
-    bos = tokenizer.bos_id if (tokenizer.add_bos and tokenizer.bos_id is not None) else None
-    eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
-    return TextCodec(str(spec), lambda s: tokenizer.encode(s, add_special_tokens=False),
-                     lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), eos, bos)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -120,26 +83,6 @@ def make_task(name: str, instruction: str, examples: Sequence[tuple[str, str | N
     with_teacher = all(t is not None for _, t, _ in examples)
     teacher = TokenizedTask.from_rows(name, [enc(t) for _, t, _ in examples], targets) if with_teacher else None
     return TagiTask(name, np.asarray(enc(instruction), np.int32), student, teacher, teacher_index)
-
-
-def teacher_indices(teachers_dir: str | Path | None, task_names: Sequence[str] = ()) -> dict[str, int]:
-    """Task name -> index in the stack of a `LoRATeachers` directory (its teachers.json), {} for None.
-
-    Teachers saved under the default names `task_<i>` (LoRATeachers without task_names, trained on
-    these same tasks with `global_task_index=True`, maybe only the first `max_tasks`) map by position:
-    teacher i <-> task_names[i]; later tasks have no teacher."""
-    if teachers_dir is None:
-        return {}
-    index_file = Path(teachers_dir) / "teachers.json"
-    if not index_file.is_file():
-        raise DataError(f"{index_file}: missing (teachers_dir must be a directory written by LoRATeachers)")
-    entries = json.loads(index_file.read_text()).get("teachers", [])
-    by_name = {e["task"]: int(e["task_index"]) for e in entries}
-    if by_name and all(name == f"task_{i}" for name, i in by_name.items()):
-        if len(by_name) > len(task_names):
-            raise DataError(f"{index_file}: {len(by_name)} positional teachers (task_<i>) for {len(task_names)} tasks")
-        return {name: i for i, name in enumerate(task_names[:len(by_name)])}
-    return by_name
 
 
 def rewrite_tagi_tasks(config: Any, *, part: str = "train", instruction: str = "rule",

@@ -19,7 +19,6 @@ over it has vocab_size 259 = 256 + 3 specials; no BOS.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -116,23 +115,9 @@ class TokenizerVocabulary(seqio.Vocabulary):
 
 def tokenizer_vocabulary(model: str | Path) -> TokenizerVocabulary:
     """The vocabulary of a model (weight-package name, HF dir or .gguf) without loading its weights."""
-    from jaxlm.checkpoints.hf import CheckpointError
-    from jaxlm.checkpoints.pretrained import resolve_path
+    from jaxlm.checkpoints.pretrained import read_tokenizer
 
-    path = resolve_path(model)
-    if path.is_file() and path.suffix == ".gguf":
-        import gguf
-
-        from jaxlm.checkpoints.gguf import read_fields
-
-        tokenizer = Tokenizer.from_gguf_fields(read_fields(gguf.GGUFReader(str(path))), str(path))
-    elif path.is_dir():
-        config_file = path / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        tokenizer = Tokenizer.from_hf_dir(path, config)
-    else:
-        raise CheckpointError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    return TokenizerVocabulary(tokenizer, name=Path(str(model)).stem)
+    return TokenizerVocabulary(read_tokenizer(model), name=Path(str(model)).stem)
 
 
 def byte_vocabulary() -> seqio.ByteVocabulary:

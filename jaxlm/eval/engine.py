@@ -153,7 +153,7 @@ class Engine:
     """Scores, rank-classifies and generates for one pretrained model (Llama or T5 family).
 
     mesh: optional; batches are then split over its (data, fsdp) axes and params placed by the
-    logical-axis rules of `jaxlm.train.sharding` (so `batch_size` must divide by data * fsdp).
+    logical-axis rules of `jaxlm.sharding` (so `batch_size` must divide by data * fsdp).
     """
 
     pretrained: Pretrained
@@ -175,7 +175,7 @@ class Engine:
         self.params = self.pretrained.params
         self._stop_tokens: dict[str, list[tuple[int, ...]]] = {}
         if self.mesh is not None:
-            from jaxlm.train import sharding
+            from jaxlm import sharding
 
             split = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
             if self.batch_size % split:
@@ -218,7 +218,7 @@ class Engine:
         """Host batches -> device arrays, split over the mesh's data axes when there is a mesh."""
         if self.mesh is None:
             return arrays
-        from jaxlm.train.sharding import batch_sharding
+        from jaxlm.sharding import batch_sharding
 
         return tuple(jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in arrays)
 

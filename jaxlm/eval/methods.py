@@ -379,7 +379,7 @@ class Adapter(Method):
     def adapter_for(self, ctx: EvalContext, task: TaskData) -> Any:
         if self.teachers is not None:
             if self._teachers is None:
-                from jaxlm.train.objectives import load_teachers
+                from jaxlm.checkpoints.teachers import load_teachers
 
                 names, stacked = load_teachers(self.teachers, ctx.engine.pretrained)
                 self._teachers = (names, stacked)

@@ -33,9 +33,9 @@ from jaxlm.data.string_rewrite import (
     rewrite_tasks,
     rule_text,
 )
-from jaxlm.data.tagi_data import text_codec
+from jaxlm.checkpoints.instruction_codec import text_codec
 from jaxlm.errors import ConfigError, UsageError
-from jaxlm.eval.jsonl import JsonlWriter, read_jsonl
+from jaxlm.jsonl import JsonlWriter, read_jsonl
 from jaxlm.files import write_atomically
 
 REWRITE_METHODS = ("no_instruction", "in_context", "icil", "teacher", "hypernet")
@@ -139,7 +139,7 @@ class RewriteEval:
             return load_hypernet(self.hypernet).adapters([rule_text(t.metadata["x"], t.metadata["y"]) for t in tasks])
         if method == "teacher":
             from jaxlm.models import lora as lora_lib
-            from jaxlm.train.objectives import load_teachers
+            from jaxlm.checkpoints.teachers import load_teachers
 
             names, stacked = load_teachers(self.teachers, pretrained)
             if len(names) < len(tasks):

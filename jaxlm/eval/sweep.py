@@ -27,7 +27,7 @@ import gin
 from jaxlm.data.schema import Instance, TaskData
 from jaxlm.errors import ConfigError, UsageError
 from jaxlm.eval import methods as methods_lib
-from jaxlm.eval.jsonl import JsonlWriter, count_complete_lines, read_jsonl
+from jaxlm.jsonl import JsonlWriter, count_complete_lines, read_jsonl
 from jaxlm.files import write_atomically
 
 RESULTS = "results.jsonl"
@@ -54,6 +54,7 @@ class EvalModel:
             Pretrained,
             init_params,
             load_pretrained,
+            load_tokenizer,
         )
 
         if sum(x is not None for x in (self.pretrained, self.config, self.hypernet)) != 1:
@@ -69,22 +70,6 @@ class EvalModel:
         family = self.config.family
         return Pretrained(family, self.config, init_params(family, self.config, self.seed), load_tokenizer(self.tokenizer),
                           f"random-init:{self.name}")
-
-
-@functools.cache
-def load_tokenizer(name: str) -> Any:
-    """Only the tokenizer of a model (a GGUF's metadata is read without dequantizing its tensors)."""
-    from jaxlm.checkpoints.pretrained import resolve_path
-    from jaxlm.checkpoints.tokenizer import Tokenizer
-
-    path = resolve_path(name)
-    if path.suffix == ".gguf":
-        import gguf
-
-        from jaxlm.checkpoints.gguf import read_fields
-
-        return Tokenizer.from_gguf_fields(read_fields(gguf.GGUFReader(str(path))), str(path))
-    return Tokenizer.from_hf_dir(path)
 
 
 @gin.configurable

@@ -2,7 +2,7 @@
 norms, embeddings and one attention kernel.
 
 Every parameter is created through `nn.with_logical_partitioning`, so `jax.eval_shape(model.init)`
-yields the logical axis names that `jaxlm.train.sharding` maps onto a mesh.
+yields the logical axis names that `jaxlm.sharding` maps onto a mesh.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from jaxlm.models.layers import Dense, Embed, RMSNorm, dot_product_attention, heads_major, mask_bias, sub
 from jaxlm.models.lora import LoraWeights
-from jaxlm.train.sharding import constrain_activation
+from jaxlm.sharding import constrain_activation
 
 Array = jax.Array
 Cache = dict[str, Any]

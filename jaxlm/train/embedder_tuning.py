@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -166,3 +167,40 @@ def group_loss(pretrained: Pretrained, instruction_groups: Sequence[Sequence[str
 def _jitted_loss(family_name: str, config: Any, temperature: float) -> Callable:
     model = family(family_name).module(config)
     return jax.jit(lambda params, ids, mask: contrastive_loss(model, params, ids, mask, temperature))
+
+
+def align_encoder(data_dir: str | Path, output_dir: str | Path, *, source: str = "superni", split: str = "default",
+                  group_by: str = "task", steps: int = 200, batch_size: int = 16, learning_rate: float = 2e-5,
+                  temperature: float = 0.05, seed: int = 0, max_length: int = 64) -> dict[str, Any]:
+    """Tune the aligned INSTA encoder on the training tasks' instructions and export it as a HF dir.
+
+    Args:
+      data_dir: the source's data directory.
+      output_dir: where the tuned all-MiniLM-L6-v2 is written (`load_pretrained(output_dir)` reads it;
+        `jaxlm select --encoder output_dir` uses it).
+      source: "superni" (its `split`'s training tasks) or a source without splits (all its tasks).
+      group_by: "task" (views of one instruction are positives) or "category".
+      steps, batch_size, learning_rate, temperature, seed, max_length: see `tune_embedder`.
+
+    Returns:
+      {"output_dir", "groups", "steps", "first_loss", "last_loss"} (losses rounded to 1e-6).
+
+    Raises:
+      DataError: fewer than 2 instruction groups; UsageError: an unknown `group_by`.
+    """
+    from jaxlm.checkpoints.pretrained import export_hf, load_pretrained
+    from jaxlm.data.selection import PRETRAINED_ENCODER, instruction_groups
+    from jaxlm.data.sources import load_tasks
+
+    part = "train" if source == "superni" else None
+    tasks = load_tasks(source, data_dir, split=(split or "default") if part else None, part=part)
+    groups = instruction_groups(tasks, by=group_by)
+    if len(groups) < 2:
+        raise DataError(f"--data_dir {data_dir}: {len(groups)} instruction group(s) by {group_by}; need at least 2")
+    tuned, losses = tune_embedder(
+        load_pretrained(PRETRAINED_ENCODER), groups, steps=steps, batch_size=batch_size,
+        learning_rate=learning_rate, temperature=temperature, seed=seed, max_length=max_length,
+    )
+    path = export_hf(tuned, output_dir)
+    return {"output_dir": str(path), "groups": len(groups), "steps": len(losses),
+            "first_loss": round(losses[0], 6), "last_loss": round(losses[-1], 6)}

@@ -21,7 +21,7 @@ import optax
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.features import BatchIterator
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train.sharding import make_mesh
+from jaxlm.sharding import make_mesh
 from jaxlm.train.steps import TrainStep
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,9 @@ def train(
         if pending is not None:
             record(*pending)
             pending = None
-        if hasattr(step_fn.objective, "export") and jax.process_index() == 0:
-            step_fn.objective.export(workdir, state.params, frozen)
+        export_dir = getattr(step_fn.objective, "end_of_run_export", None)
+        if export_dir and jax.process_index() == 0:
+            step_fn.objective.export(workdir / export_dir, state.params, frozen)
     finally:
         logger.close()
         if checkpointer is not None:
@@ -166,3 +167,47 @@ def train(
         "state": state,
         "frozen": frozen,
     }
+
+
+def restore_trained(
+    workdir: str | Path,
+    *,
+    objective: Any,
+    optimizer: optax.GradientTransformation,
+    mesh_shape: str = "data=-1",
+    microbatches: int = 1,
+    compute_dtype: str = "float32",
+    seed: int = 0,
+    step: int | None = None,
+) -> tuple[Any, Any, int]:
+    """The trained state of a `train` run directory, as `train` itself would resume it.
+
+    Args:
+      workdir: the run directory (its `checkpoints/` are read).
+      objective, optimizer, mesh_shape, microbatches, compute_dtype, seed: the run's `train` arguments
+        (the frozen params of a random-init base are a function of `seed`).
+      step: the checkpoint step (default: the newest one that reads back).
+
+    Returns:
+      (TrainState, frozen params, the restored step).
+
+    Raises:
+      CheckpointError: no checkpoint in `workdir`, or `step` is missing or unreadable.
+    """
+    from jaxlm.checkpoints.hf import CheckpointError
+    from jaxlm.checkpoints.train_state import TrainCheckpointer
+
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: missing (a run saves checkpoints when train.checkpoint_every is set)")
+    try:
+        mesh = make_mesh(mesh_shape)
+    except ValueError as e:
+        raise ConfigError(f"train.mesh_shape={mesh_shape!r}: {e}") from None
+    step_fn = TrainStep(objective, optimizer, mesh, microbatches, compute_dtype)
+    with TrainCheckpointer(directory, async_save=False, read_only=True) as checkpointer:
+        restored = checkpointer.restore(step_fn.abstract_state(), step=step)
+    if restored is None:
+        raise CheckpointError(f"{directory}: no readable checkpoint")
+    state, _, at = restored
+    return state, step_fn.init_frozen(jax.random.PRNGKey(seed)), at

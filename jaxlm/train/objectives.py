@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,6 +76,7 @@ class LanguageModel:
     context_across_rows: bool = False
 
     expected_family = None  # "llama" / "t5" in subclasses
+    end_of_run_export = None  # subdirectory the loop exports into when a run ends (None: on request only)
 
     def __post_init__(self) -> None:
         if (self.model_config is None) == (self.pretrained is None):
@@ -111,6 +111,56 @@ class LanguageModel:
         if self.pretrained:
             return self.base
         return Pretrained(self.config.family, self.config, frozen, None, "random-init")
+
+    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
+        """Write the trained model where transformers / peft read it.
+
+        Args:
+          output: the directory to write (atomically).
+          trainable: the trained params (the full model, or the LoRA param dict).
+          frozen: the frozen params (the base model under LoRA, else {}).
+          merged: with LoRA, fold the adapter into the base kernels and write a plain HF directory.
+
+        Returns:
+          `output`: a HF directory (config.json, model.safetensors, tokenizer when the base has one)
+          for a full finetune or `merged=True`; a PEFT directory (adapter_config.json,
+          adapter_model.safetensors) for LoRA. Its `base_model_name_or_path` is the pretrained base's
+          directory; a base that is not a HF directory on disk (random init, GGUF, a weight package
+          resolves to its HF dir) is written beside the adapter as `output/base/` and named instead.
+
+        Raises:
+          ConfigError: `merged=True` without LoRA.
+        """
+        from jaxlm.checkpoints.peft import export_peft_adapter
+        from jaxlm.checkpoints.pretrained import export_hf
+
+        output = Path(output)
+        trainable, frozen = jax.device_get(trainable), jax.device_get(frozen)
+        if self.lora is None:
+            if merged:
+                raise ConfigError(f"{type(self).__name__}: merged=True needs a LoRA run (this is a full finetune)")
+            return export_hf(self.export_target(trainable), output, params=trainable)
+        lora = LoraWeights(trainable, self.lora.rank, self.lora.alpha)
+        target = self.export_target(frozen)
+        if merged:
+            return export_hf(target, output, params=lora_lib.merge(frozen, lora))
+        base_dir = self._base_dir()
+        written_base = base_dir is None
+        if written_base:
+            base_dir = (output / "base").resolve()
+        export_peft_adapter(lora, target, output, base_model_name_or_path=str(base_dir))
+        if written_base:
+            export_hf(target, base_dir, params=frozen)
+        return output
+
+    def _base_dir(self) -> Path | None:
+        """The pretrained base's HF directory on disk, or None (random init, GGUF)."""
+        if not self.pretrained:
+            return None
+        from jaxlm.checkpoints.pretrained import resolve_path
+
+        path = resolve_path(self.pretrained)
+        return path.resolve() if path.is_dir() else None
 
     # ---------------------------------------------------------------- params
     @property
@@ -197,9 +247,6 @@ class Seq2SeqLM(LanguageModel):
     expected_family = "t5"
 
 
-TEACHERS_INDEX = "teachers.json"
-
-
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LoRATeachers(LanguageModel):
@@ -208,6 +255,8 @@ class LoRATeachers(LanguageModel):
 
     num_tasks: int = 1
     task_names: tuple[str, ...] | None = None
+
+    end_of_run_export = "teachers"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -234,6 +283,7 @@ class LoRATeachers(LanguageModel):
     ) -> Path:
         """Each teacher as a PEFT adapter dir `directory/<task name>` plus a `teachers.json` index."""
         from jaxlm.checkpoints.peft import export_peft_adapter
+        from jaxlm.checkpoints.teachers import write_teachers_index
 
         names = list(task_names or self.task_names or [f"task_{i}" for i in range(self.num_tasks)])
         if len(names) != self.num_tasks:
@@ -244,26 +294,11 @@ class LoRATeachers(LanguageModel):
         for index, name in enumerate(names):
             export_peft_adapter(lora_lib.select(stacked, index), pretrained, directory / name)
             entries.append({"task": name, "task_index": index, "adapter": name})
-        index_doc = {"base": pretrained.source, "rank": self.lora.rank, "alpha": self.lora.alpha, "teachers": entries}
-        (directory / TEACHERS_INDEX).write_text(json.dumps(index_doc, indent=2))
+        write_teachers_index(directory, entries, base=pretrained.source, rank=self.lora.rank, alpha=self.lora.alpha)
         return directory
 
-    def export(self, workdir: str | Path, trainable: PyTree, frozen: PyTree) -> Path:
-        """End-of-run export used by `jaxlm.train.loop.train`: `workdir/teachers/`."""
-        return self.save_teachers(Path(workdir) / "teachers", trainable, None, self.export_target(frozen))
-
-
-def load_teachers(directory: str | Path, pretrained: Pretrained) -> tuple[list[str], LoraWeights]:
-    """(task names in task_index order, the teachers stacked on a leading task axis) from `save_teachers`."""
-    from jaxlm.checkpoints.hf import CheckpointError
-    from jaxlm.checkpoints.peft import load_peft_adapter
-
-    index_file = Path(directory) / TEACHERS_INDEX
-    if not index_file.is_file():
-        raise CheckpointError(f"{index_file}: missing (not a directory written by save_teachers)")
-    doc = json.loads(index_file.read_text())
-    entries = sorted(doc.get("teachers", []), key=lambda e: e["task_index"])
-    if not entries:
-        raise CheckpointError(f"{index_file}: field 'teachers' is empty")
-    adapters = [load_peft_adapter(Path(directory) / e["adapter"], pretrained) for e in entries]
-    return [e["task"] for e in entries], lora_lib.stack(adapters)
+    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
+        """The teachers as a LoRATeachers directory at `output` (what the loop writes to RUN/teachers/)."""
+        if merged:
+            raise ConfigError("LoRATeachers: merged=True is not defined for a stack of per-task adapters")
+        return self.save_teachers(output, trainable, None, self.export_target(frozen))

@@ -15,11 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import json
 import math
-import os
-import subprocess
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -33,7 +29,6 @@ from jaxlm.features import DECODER_ONLY_FEATURES, ENCODER_DECODER_FEATURES
 GIB = 1024**3
 DEFAULT_HBM_GIB = {"tpu": 16.0, "gpu": 80.0}  # TPU v5e chip, H100 80GB
 TPU_TOPOLOGY_PREFIX = "v5e"
-_CHILD_FLAG = "--_plan_child"
 
 
 @dataclasses.dataclass
@@ -163,8 +158,8 @@ def abstract_batch(data: Any) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
 
 
-def _resolve_mesh(spec: str, available: int | None) -> dict[str, int]:
-    from jaxlm.train.sharding import parse_mesh_shape
+def resolve_mesh(spec: str, available: int | None) -> dict[str, int]:
+    from jaxlm.sharding import parse_mesh_shape
 
     try:
         shape = parse_mesh_shape(spec)
@@ -195,7 +190,7 @@ def _count(tree: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def _topology_devices(platform: str, n: int) -> tuple[list, str] | None:
+def topology_devices(platform: str, n: int) -> tuple[list, str] | None:
     """Compile-only devices of a real TPU/GPU topology, when this JAX has the platform's plugin."""
     from jax.experimental import topologies
 
@@ -217,11 +212,11 @@ def plan_run(mesh_spec: str, platform: str, hbm_gib: float | None, devices: Sequ
              compiled_for: str | None = None) -> PlanReport:
     """Lower and compile the gin-configured train step (gin must already be parsed) on `devices`
     (default: this process's devices) for mesh `mesh_spec`; nothing is allocated."""
-    from jaxlm.train.sharding import MESH_AXES
+    from jaxlm.sharding import MESH_AXES
     from jaxlm.train.steps import TrainStep
 
     devices = list(jax.devices() if devices is None else devices)
-    shape = _resolve_mesh(mesh_spec, len(devices))
+    shape = resolve_mesh(mesh_spec, len(devices))
     n = math.prod(shape.values())
     if n > len(devices):
         raise UsageError(f"--mesh {mesh_spec!r} needs {n} devices, this process has {len(devices)}")
@@ -265,82 +260,3 @@ def plan_run(mesh_spec: str, platform: str, hbm_gib: float | None, devices: Sequ
         flops_per_device=float(cost.get("flops", 0.0)),
         hbm_gib=hbm_gib,
     )
-
-
-# ------------------------------------------------------------------------------- command
-
-
-def _default_hbm(platform: str, hbm_gib: float | None) -> float | None:
-    if hbm_gib is not None:
-        if hbm_gib <= 0:
-            raise UsageError(f"--hbm_gib {hbm_gib}: must be positive")
-        return hbm_gib
-    return DEFAULT_HBM_GIB.get(platform)
-
-
-def _parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
-    from jaxlm.train.config import parse_config
-
-    if not gin_files:
-        raise UsageError("jaxlm plan needs at least one --gin_file")
-    parse_config(list(gin_files), list(bindings))
-
-
-def plan_command(args: Any) -> int:
-    """`jaxlm plan`: parse gin, pick devices (topology, this process, or a CPU subprocess), print the report."""
-    from jaxlm.train.commands import gin_bindings
-
-    bindings = gin_bindings(args)
-    _parse_gin(args.gin_file, bindings)  # a typo fails here, before any compile
-    hbm = _default_hbm(args.platform, args.hbm_gib)
-    shape = _resolve_mesh(args.mesh, jax.device_count() if "-1" in args.mesh else None)
-    n = math.prod(shape.values())
-    mesh_spec = ",".join(f"{k}={v}" for k, v in shape.items())
-    note = ""
-    if args.platform in ("tpu", "gpu"):
-        found = _topology_devices(args.platform, n)
-        if found is not None:
-            print(plan_run(mesh_spec, args.platform, hbm, found[0], found[1]).format())
-            return 0
-        note = (f"; no {args.platform.upper()} compile-only topology in this JAX install (needs its PJRT plugin), "
-                "so temp/activation bytes are XLA:CPU's estimate")
-    if jax.default_backend() == "cpu" and jax.device_count() >= n:
-        report = plan_run(mesh_spec, args.platform, hbm, jax.devices()[:n], f"XLA:CPU, {n} fake devices{note}")
-        print(report.format())
-        return 0
-    return _run_child(args.gin_file, bindings, mesh_spec, args.platform, hbm, n, note)
-
-
-def _run_child(gin_files: Sequence[str], bindings: Sequence[str], mesh_spec: str, platform: str,
-               hbm: float | None, n: int, note: str) -> int:
-    """Re-run the plan in a fresh process with N fake CPU devices (the flag must precede JAX's start)."""
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    spec = json.dumps({"gin_files": list(gin_files), "bindings": list(bindings), "mesh": mesh_spec,
-                       "platform": platform, "hbm_gib": hbm, "note": note})
-    proc = subprocess.run([sys.executable, "-m", "jaxlm.train.plan", _CHILD_FLAG, spec], env=env)
-    return proc.returncode
-
-
-def _child_main(spec_json: str) -> int:
-    from jaxlm.errors import JaxlmError
-
-    spec = json.loads(spec_json)
-    try:
-        _parse_gin(spec["gin_files"], spec["bindings"])
-        n = math.prod(_resolve_mesh(spec["mesh"], None).values())
-        report = plan_run(spec["mesh"], spec["platform"], spec["hbm_gib"], jax.devices()[:n],
-                          f"XLA:CPU, {n} fake devices{spec['note']}")
-    except JaxlmError as e:
-        print(f"jaxlm: error: {e}", file=sys.stderr)
-        return 2
-    print(report.format())
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == _CHILD_FLAG:
-        sys.exit(_child_main(sys.argv[2]))
-    sys.exit("usage: jaxlm plan ... (this module's entry point is internal)")

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.train import sharding
+from jaxlm import sharding
 from jaxlm.train.optim import current_learning_rate
 from jaxlm.train.state import TrainState
 

@@ -21,7 +21,7 @@ Loss = w_ce L_ce + w_kl L_kl + w_ins L_ins (each logged, every weight a gin bind
          never d x d), masked for tasks without a teacher (teacher_index = -1).
 Stage 1 (hypernetwork pretraining on passages) is the same objective with w_kl = w_ins = 0 and
 teacher-less batches; stage 2 starts from it through `init_from` (a run dir or its hypernet/ dir).
-`tagi_two_stage` runs both from one gin file (scopes `stage1/`, `stage2/`).
+`tagi_pipeline` runs both from one gin file (scopes `stage1/`, `stage2/`).
 
 Limits: microbatches must be 1 (instruction features are (G, ...), not (B, ...)); with data
 parallelism G must be divisible by the data-parallel device count.
@@ -42,6 +42,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
+from jaxlm.checkpoints.hypernet import find_hypernet_dir, read_params, save_hypernet
 from jaxlm.checkpoints.pretrained import Pretrained, abstract_params, family
 from jaxlm.errors import ConfigError
 from jaxlm.features import TEACHER_PREFIX, teacher_view
@@ -49,7 +50,8 @@ from jaxlm.models import hypernet as hyper_lib
 from jaxlm.models import lora as lora_lib
 from jaxlm.models.lora import LoraWeights
 from jaxlm.train import losses
-from jaxlm.train.objectives import LanguageModel, _load_pretrained_cached, load_teachers
+from jaxlm.checkpoints.teachers import load_teachers
+from jaxlm.train.objectives import LanguageModel, _load_pretrained_cached
 
 Array = jax.Array
 PyTree = Any
@@ -91,6 +93,8 @@ class TAGIDistillation(LanguageModel):
     instruction_codec: str = "bytes"
     teacher_format: str = "def_pos2"
     student_format: str = "query"
+
+    end_of_run_export = "hypernet"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -232,7 +236,7 @@ class TAGIDistillation(LanguageModel):
         params = frozen["encoder"] if self.hypernet.encoder == "minilm" else frozen["base"]
         return jax.lax.stop_gradient(params)
 
-    def generate(self, trainable: PyTree, frozen: PyTree, ids_GxT: Array, mask_GxT: Array):
+    def emit_lora(self, trainable: PyTree, frozen: PyTree, ids_GxT: Array, mask_GxT: Array):
         """(LoRA with leaves (G, ...), fused instruction states (G, T, D) or None): one pass per task."""
         h_GxTxE = hyper_lib.encode_instruction(self.hypernet.encoder, self.encoder_model,
                                                self.encoder_params(trainable, frozen), ids_GxT, mask_GxT)
@@ -310,7 +314,7 @@ class TAGIDistillation(LanguageModel):
         for name in ("instruction_tokens", "instruction_mask", "task_index"):
             if name not in batch:
                 raise ConfigError(f"TAGIDistillation needs batch[{name!r}]: use the TAGI data (tagi_data.TagiBatches)")
-        lora_G, fused = self.generate(trainable, frozen, batch["instruction_tokens"], batch["instruction_mask"])
+        lora_G, fused = self.emit_lora(trainable, frozen, batch["instruction_tokens"], batch["instruction_mask"])
         lora_B = lora_lib.per_example(lora_G, batch["task_index"])
         logits_BxLxV = self.student_logits(frozen["base"], batch, lora_B, fused)
         targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
@@ -327,11 +331,11 @@ class TAGIDistillation(LanguageModel):
         return loss, metrics
 
     # ---------------------------------------------------------------- export
-    def export(self, workdir: str | Path, trainable: PyTree, frozen: PyTree) -> Path:
-        """End-of-run export used by `jaxlm.train.loop.train`: `workdir/hypernet/`."""
-        from jaxlm.checkpoints.hypernet import save_hypernet
-
-        return save_hypernet(Path(workdir) / "hypernet", self, jax.device_get(trainable), jax.device_get(frozen))
+    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
+        """The hypernetwork export at `output` (`jaxlm.checkpoints.hypernet`; the loop writes RUN/hypernet/)."""
+        if merged:
+            raise ConfigError("TAGIDistillation: merged=True is not defined (the adapter depends on the instruction)")
+        return save_hypernet(output, self, jax.device_get(trainable), jax.device_get(frozen))
 
 
 def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, k: int = 32,
@@ -398,7 +402,6 @@ def _common_modules(student: PyTree, teacher: PyTree) -> tuple[dict, dict]:
 def _load_into(init_from: str, part: str, fresh: PyTree) -> PyTree:
     """Params `part` of a saved hypernetwork, checked against the fresh init's structure and shapes."""
     from jaxlm.checkpoints.hf import flatten
-    from jaxlm.checkpoints.hypernet import read_params
 
     saved = read_params(find_hypernet_dir(init_from))
     if part not in saved:
@@ -410,102 +413,3 @@ def _load_into(init_from: str, part: str, fresh: PyTree) -> PyTree:
         raise ConfigError(f"TAGIDistillation.init_from={init_from!r}: {part} params differ from this "
                           f"HypernetConfig/base (first differences: {diff})")
     return jax.tree_util.tree_map(lambda f, s: jnp.asarray(s, f.dtype), fresh, saved[part])
-
-
-def find_hypernet_dir(path: str | Path, missing_ok: bool = False) -> Path | None:
-    """A hypernet export dir from a path to it, to a run dir (`hypernet/`), or to a two-stage run dir
-    (`stage2/hypernet/`, else `stage1/hypernet/`)."""
-    from jaxlm.checkpoints.hypernet import HYPERNET_CONFIG
-
-    root = Path(path)
-    for candidate in (root, root / "hypernet", root / "stage2" / "hypernet", root / "stage1" / "hypernet"):
-        if (candidate / HYPERNET_CONFIG).is_file():
-            return candidate
-    if missing_ok:
-        return None
-    from jaxlm.checkpoints.hf import CheckpointError
-
-    raise CheckpointError(f"{path}: no {HYPERNET_CONFIG} in it, its hypernet/ or stage2/hypernet/ "
-                          "(pass the workdir of a finished TAGI run)")
-
-
-# ----------------------------------------------------------------------------- two stages
-
-
-TEACHERS_STAGE = "teachers"
-
-
-@gin.configurable(denylist=["workdir"])
-def tagi_two_stage(workdir: str | Path, *, stages: tuple[str, ...] = ("stage1", "stage2")) -> dict[str, Any]:
-    """Run `jaxlm.train.loop.train` once per gin scope in `stages`, into workdir/<scope>/.
-
-    A scope named "teachers" trains the per-task LoRA teachers (LoRATeachers); later scopes get
-    `<scope>/TAGIDistillation.teachers_dir` and `<scope>/tagi_data.teachers_dir` bound to them. Any other
-    scope after a TAGI scope starts from its hypernetwork (`<scope>/TAGIDistillation.init_from`).
-    `jaxlm adapter --hypernet WORKDIR` then finds the last stage's export. Stages
-    ('teachers', 'stage1', 'stage2') are the paper's pipeline; dropping 'stage1' is the no-pretraining
-    ablation. A rerun with the same workdir resumes each stage from its checkpoints."""
-    from jaxlm.train.loop import train
-
-    if not stages:
-        raise ConfigError("tagi_two_stage.stages is empty")
-    workdir = Path(workdir)
-    summary: dict[str, Any] = {}
-    previous: Path | None = None
-    teachers: Path | None = None
-    for scope in stages:
-        with gin.unlock_config():
-            if previous is not None:
-                gin.bind_parameter(f"{scope}/TAGIDistillation.init_from", str(previous))
-            if teachers is not None:
-                gin.bind_parameter(f"{scope}/TAGIDistillation.teachers_dir", str(teachers))
-                gin.bind_parameter(f"{scope}/tagi_data.teachers_dir", str(teachers))
-        with gin.config_scope(scope):
-            summary = train(workdir=workdir / scope)
-        if scope == TEACHERS_STAGE:
-            teachers = workdir / scope / "teachers"
-        else:
-            previous = workdir / scope
-    summary["stages"] = list(stages)
-    return summary
-
-
-def is_two_stage() -> bool:
-    """Whether the parsed gin config is a TAGI pipeline (binds `tagi_two_stage.stages`)."""
-    try:
-        gin.query_parameter("tagi_two_stage.stages")
-    except ValueError:
-        return False
-    return True
-
-
-def run_parsed_config(workdir: str | Path) -> dict[str, Any]:
-    """Run what the parsed gin config describes: `tagi_two_stage` or a single `train` (as `jaxlm train`)."""
-    from jaxlm.train.config import require_bindings
-    from jaxlm.train.loop import train
-
-    if is_two_stage():
-        return tagi_two_stage(workdir)
-    require_bindings("train", ("objective", "optimizer", "data", "num_steps"))
-    return train(workdir=workdir)
-
-
-def run_gin_files(gin_files: list[str], bindings: list[str], workdir: str | Path) -> dict[str, Any]:
-    """Parse gin files + bindings and run them (`run_parsed_config`): experiment drivers' one call."""
-    from jaxlm.train.config import parse_config
-
-    parse_config(gin_files, bindings)
-    return run_parsed_config(workdir)
-
-
-def hypernet_metadata(objective: TAGIDistillation) -> dict[str, Any]:
-    """What `load_hypernet` needs besides params: the hypernet config and how instructions are read."""
-    cfg = dataclasses.asdict(objective.hypernet)
-    cfg["lora"] = {"targets": list(objective.spec.targets), "rank": objective.spec.rank, "alpha": objective.spec.alpha}
-    return {
-        "hypernet": cfg,
-        "train_encoder": objective.train_encoder,
-        "instruction": {"codec": objective.instruction_codec, "teacher_format": objective.teacher_format,
-                        "student_format": objective.student_format},
-    }
-

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.eval.jsonl import read_jsonl
+from jaxlm.jsonl import read_jsonl
 from jaxlm.files import write_atomically
 
 METHODS = [("zero_shot", "zero-shot (def)"), ("crosstask:mean", "cross-task 1-shot, mean of sources"),

@@ -44,7 +44,7 @@ def total_examples(bindings: list[str]) -> int:
     """The gin file's TOTAL_EXAMPLES (after the extra bindings): the example budget every point shares."""
     import gin
 
-    from jaxlm.train.config import parse_config
+    from jaxlm.experiment.gin_config import parse_config
 
     parse_config([GIN_FILE], bindings)
     return int(gin.query_parameter("%TOTAL_EXAMPLES"))
@@ -91,7 +91,7 @@ def _owners(tasks: list[Any]) -> list[int]:
 
 def _final_loss(out: dict[str, Any], workdir: Path) -> float | None:
     """The run's last logged loss (a resumed, already finished run returns none of its own)."""
-    from jaxlm.eval.jsonl import read_jsonl
+    from jaxlm.jsonl import read_jsonl
 
     if out.get("loss") is not None:
         return round(float(out["loss"]), 4)
@@ -107,7 +107,7 @@ def run_point(work: Path, num_rules: int, frequency: str, seed: int, extra: list
     from jaxlm.checkpoints.pretrained import Pretrained, export_hf
     from jaxlm.data.string_rewrite import RewriteConfig
     from jaxlm.models.llama import LlamaConfig
-    from jaxlm.train.tagi import run_gin_files
+    from jaxlm.experiment.gin_config import run_gin_files
 
     name = point_name(num_rules, frequency, seed)
     per_rule = total // num_rules
@@ -168,7 +168,7 @@ def plot(rows: list[dict[str, Any]], paths: list[Path]) -> None:
 def table(rows: list[dict[str, Any]], work: Path) -> str:
     """The results as a markdown table; "rewritten" EM counts only instances whose z contains x (the other
     ~10% are no-ops a model that ignores the rule and copies z also gets right)."""
-    from jaxlm.eval.jsonl import read_jsonl
+    from jaxlm.jsonl import read_jsonl
 
     def rewritten_em(point: str, part: str) -> str:
         path = work / point / f"predictions_{part}.jsonl"
@@ -189,7 +189,7 @@ def table(rows: list[dict[str, Any]], work: Path) -> str:
 
 
 def main() -> None:
-    from jaxlm.eval.jsonl import JsonlWriter, read_jsonl
+    from jaxlm.jsonl import JsonlWriter, read_jsonl
     from jaxlm.files import write_atomically
 
     os.chdir(REPO)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.eval.jsonl import read_jsonl
+from jaxlm.jsonl import read_jsonl
 from jaxlm.files import write_atomically
 
 ALL = "all tasks"

@@ -46,7 +46,7 @@ def condition_macros(condition: str) -> dict:
     """The selection macros of `<condition>.gin` (parsed alone; `parse_config` clears gin first)."""
     import gin
 
-    from jaxlm.train.config import parse_config
+    from jaxlm.experiment.gin_config import parse_config
 
     parse_config([str(HERE / f"{condition}.gin")])
     out = {}
@@ -127,7 +127,7 @@ def train_runs(work: Path, sel: dict, targets: list[str], conditions: list[str],
 
     from jaxlm.checkpoints.peft import export_peft_adapter
     from jaxlm.models.lora import LoraSpec, LoraWeights
-    from jaxlm.train.tagi import run_gin_files
+    from jaxlm.experiment.gin_config import run_gin_files
 
     order = [(c, SHARED) for c in conditions if SHARED in sel[c]]
     order += [(c, t) for t in targets for c in conditions if SHARED not in sel[c]]
@@ -155,7 +155,7 @@ def evaluate(work: Path, sel: dict, targets: list[str], conditions: list[str], d
     from jaxlm.data.prompts import format_prompt
     from jaxlm.data.sources import load_tasks
     from jaxlm.eval.engine import Engine
-    from jaxlm.eval.jsonl import JsonlWriter, read_jsonl
+    from jaxlm.jsonl import JsonlWriter, read_jsonl
     from jaxlm.eval.methods import EvalContext
     from jaxlm.eval.sweep import cell_metrics
 

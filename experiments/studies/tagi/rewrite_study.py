@@ -31,7 +31,7 @@ ABLATIONS = {  # name -> (extra gin file, stages)
 
 
 def run_gin(files: list[str], bindings: list[str], workdir: Path) -> dict:
-    from jaxlm.train.tagi import run_gin_files
+    from jaxlm.experiment.gin_config import run_gin_files
 
     t = time.time()
     out = run_gin_files(files, bindings, workdir)
@@ -74,7 +74,7 @@ def phase_tagi(work: Path, names: list[str], extra_bindings: tuple[str, ...] | l
         files = ["experiments/tagi/rewrite_tagi.gin"] + ([extra] if extra else [])
         bindings = list(common)
         if name != "full" and stages is None:  # reuse the full run's stage 1 (same pretraining)
-            bindings += ["tagi_two_stage.stages = ('stage2',)",
+            bindings += ["tagi_pipeline.stages = ('stage2',)",
                          f"stage2/TAGIDistillation.init_from = '{work / 'full' / 'stage1'}'"]
         run_gin(files, bindings, work / name)
 
@@ -89,8 +89,8 @@ def phase_eval(work: Path, names: list[str]) -> None:
     from jaxlm.data.string_rewrite import RewriteConfig, rewrite_tasks, rule_text
     from jaxlm.eval.engine import Engine
     from jaxlm.eval.rewrite import evaluate_method
-    from jaxlm.train.config import parse_config
-    from jaxlm.train.objectives import load_teachers
+    from jaxlm.experiment.gin_config import parse_config
+    from jaxlm.checkpoints.teachers import load_teachers
 
     parse_config(["experiments/tagi/rewrite_model.gin"])
     config = gin.get_configurable(RewriteConfig)()

@@ -27,7 +27,7 @@ EVAL_TASKS = tuple(sorted(("task033_winogrande_answer_generation", "task1393_sup
 
 
 def run_gin(files: list[str], bindings: list[str], workdir: Path) -> dict:
-    from jaxlm.train.tagi import run_gin_files
+    from jaxlm.experiment.gin_config import run_gin_files
 
     t = time.time()
     out = run_gin_files(files, bindings, workdir)
@@ -44,7 +44,7 @@ def phase_teachers(work: Path, n_eval: int, steps: int) -> None:
     if (work / "teachers" / "teachers" / "teachers.json").is_file():
         return
     run_gin(["experiments/tagi/smollm2_superni.gin"], COMMON + [
-        "tagi_two_stage.stages = ('teachers',)", "teachers/tagi_data.part = 'test'",
+        "tagi_pipeline.stages = ('teachers',)", "teachers/tagi_data.part = 'test'",
         f"teachers/tagi_data.names = {list(EVAL_TASKS)!r}", f"teachers/LoRATeachers.num_tasks = {len(EVAL_TASKS)}",
         f"teachers/tagi_data.skip_instances = {n_eval}", "teachers/tagi_data.batch_size = 4",
         f"teachers/tagi_data.tasks_per_batch = {len(EVAL_TASKS)}", f"NUM_STEPS = {steps}",
@@ -55,7 +55,7 @@ def phase_tagi(work: Path, steps: int, max_instances: int, lr: float) -> None:
     if (work / "stage2" / "hypernet" / "hypernet.json").is_file():
         return
     run_gin(["experiments/tagi/smollm2_superni.gin"], COMMON + [
-        "tagi_two_stage.stages = ('stage2',)", "stage2/TAGIDistillation.w_ins = 0.0",
+        "tagi_pipeline.stages = ('stage2',)", "stage2/TAGIDistillation.w_ins = 0.0",
         f"tagi_data.max_instances = {max_instances}", "tagi_data.batch_size = 4", "tagi_data.tasks_per_batch = 2",
         f"NUM_STEPS = {steps}", f"stage2/train.num_steps = {steps}", f"LEARNING_RATE = {lr}", "WARMUP_STEPS = 2"], work)
 
@@ -68,7 +68,7 @@ def phase_eval(work: Path, n_eval: int, max_new_tokens: int) -> None:
     from jaxlm.eval.engine import Engine
     from jaxlm.eval.metrics import compute_metrics
     from jaxlm.models import lora as lora_lib
-    from jaxlm.train.objectives import load_teachers
+    from jaxlm.checkpoints.teachers import load_teachers
 
     hyper = load_hypernet(work)
     base = hyper.base

@@ -1,4 +1,5 @@
-"""`jaxlm metrics` and `jaxlm eval` (registered through jaxlm.cli.COMMAND_MODULES).
+"""`jaxlm metrics` (Super-NI metrics of a predictions file) and `jaxlm eval` (a resumable evaluation
+sweep from gin files).
 
 Light imports only at module level: the CLI imports this module to build its parser.
 """
@@ -10,6 +11,8 @@ import json
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
 
 METRICS_HELP = """\
 Super-NI metrics of a predictions file, the official way (ROUGE-L via rouge-score, exact match;
@@ -34,7 +37,7 @@ def read_predictions(path: str) -> tuple[list[str], list[list[str]], list[str], 
     """(predictions, references, tasks, categories or None) of a predictions JSONL; a bad line is a
     UsageError naming file:line and the field."""
     from jaxlm.errors import UsageError
-    from jaxlm.eval.jsonl import InputError, read_jsonl
+    from jaxlm.jsonl import InputError, read_jsonl
 
     try:
         rows = read_jsonl(path)
@@ -75,14 +78,12 @@ def cmd_metrics(args: Any) -> int:
 
 def cmd_eval(args: Any) -> int:
     from jaxlm.errors import UsageError
-    from jaxlm.train.commands import gin_bindings
-    from jaxlm.train.config import parse_config
+    from jaxlm.eval import sweep
+    from jaxlm.experiment.gin_config import parse_config
 
     if not args.gin_file:
         raise UsageError("jaxlm eval needs at least one --gin_file")
-    from jaxlm.eval import sweep
-
-    parse_config(args.gin_file, gin_bindings(args))  # ConfigError before any compute
+    parse_config(args.gin_file, gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
     summary = sweep.run_from_gin(args.workdir)
     print(json.dumps(summary), file=sys.stderr)
     return 0
@@ -95,10 +96,8 @@ def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
     metrics.add_argument("--input", required=True, help="predictions JSONL")
     metrics.add_argument("--track", default="default", choices=["default", "xlingual"],
                          help="ROUGE tokenization: default (English) or xlingual (GPT-2 BPE)")
-    from jaxlm.train.commands import _add_gin_flags, _subparser
-
-    p = _subparser(subparsers, "eval", help="evaluation sweep from gin files", description=EVAL_HELP,
+    p = gin_subparser(subparsers, "eval", help="evaluation sweep from gin files", description=EVAL_HELP,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_gin_flags(p)
+    add_gin_flags(p)
     p.add_argument("--workdir", required=True, help="sweep directory (a rerun skips its finished cells)")
     return {"metrics": cmd_metrics, "eval": cmd_eval}

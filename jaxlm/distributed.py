@@ -128,18 +128,3 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: Sharding | Map
 def data_shard() -> dict[str, Any]:
     """The `BatchIterator` arguments that give this process its rows of the global batch."""
     return {"shard_index": jax.process_index(), "num_shards": jax.process_count()}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m jaxlm.train.distributed train --gin_file ...`: join the distributed runtime, then run
-    the jaxlm CLI; what every launcher (SLURM, TPU pod, local) runs in each process."""
-    import sys
-
-    from jaxlm.cli import main as cli_main
-
-    initialize_distributed()
-    return cli_main(list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

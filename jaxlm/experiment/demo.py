@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm.errors import UsageError
-from jaxlm.eval.jsonl import JsonlWriter, read_jsonl
+from jaxlm.jsonl import JsonlWriter, read_jsonl
 from jaxlm.files import write_atomically
 
 DEMO_DIR = "experiments/demo"
@@ -38,20 +38,21 @@ METHOD_LABELS = {
 }
 
 
-class Demo:
+class DemoRun:
     """One run directory and the gin overrides every stage gets; `run()` does the stages in order."""
 
-    def __init__(self, workdir: str | Path, overrides: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
+    def __init__(self, workdir: str | Path, overrides: Sequence[str] = (), bindings: Sequence[str] = (),
+                 search_paths: Sequence[str] = ()) -> None:
         self.workdir = Path(workdir).resolve()
-        self.overrides, self.bindings = list(overrides), list(bindings)
+        self.overrides, self.bindings, self.search_paths = list(overrides), list(bindings), list(search_paths)
         self.results = self.workdir / "results.jsonl"
         self.stage_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ plumbing
     def parse(self, stage_file: str, bindings: Sequence[str] = ()) -> None:
-        from jaxlm.train.config import parse_config
+        from jaxlm.experiment.gin_config import parse_config
 
-        parse_config([f"{DEMO_DIR}/{stage_file}", *self.overrides], [*bindings, *self.bindings])
+        parse_config([f"{DEMO_DIR}/{stage_file}", *self.overrides], [*bindings, *self.bindings], self.search_paths)
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         with JsonlWriter(self.results, append=True) as out:
@@ -98,7 +99,7 @@ class Demo:
 
         from jaxlm.checkpoints.pretrained import Pretrained, export_hf
         from jaxlm.models.llama import LlamaConfig
-        from jaxlm.train.tagi import run_parsed_config
+        from jaxlm.experiment.runner import run_parsed_config
 
         self.parse(stage_file, bindings)
         out = run_parsed_config(run)
@@ -118,7 +119,7 @@ class Demo:
         return f"loss {row['loss']:.3f} after {row['step']} packed steps -> {target}"
 
     def stage_tagi(self) -> str:
-        from jaxlm.train.tagi import run_parsed_config
+        from jaxlm.experiment.runner import run_parsed_config
 
         run = self.workdir / "tagi"
         if (run / "stage2" / "hypernet" / "hypernet.json").is_file():
@@ -268,6 +269,18 @@ def _cell(text: str) -> str:
 
 
 def run_demo(workdir: str, overrides: Sequence[str] = (), bindings: Sequence[str] = (),
-             stages: Sequence[str] = STAGES) -> int:
-    Demo(workdir, overrides, bindings).run(stages)
+             stages: Sequence[str] = STAGES, search_paths: Sequence[str] = ()) -> int:
+    """Run the demo's `stages` into `workdir` (see the module docstring); 0 when done.
+
+    Args:
+      workdir: the run directory (a rerun resumes it).
+      overrides: extra gin files parsed after every stage's own.
+      bindings: extra 'KEY = value' bindings for every stage.
+      stages: a subset of `STAGES`, run in `STAGES` order.
+      search_paths: directories to look gin files up in.
+
+    Raises:
+      UsageError: an unknown stage; ConfigError: a gin problem, before the stage computes anything.
+    """
+    DemoRun(workdir, overrides, bindings, search_paths).run(stages)
     return 0

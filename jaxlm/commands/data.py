@@ -1,4 +1,4 @@
-"""`jaxlm data show|stats` and `jaxlm select` (registered through jaxlm.cli.COMMAND_MODULES)."""
+"""`jaxlm data show|stats` (prompts and per-task counts), `jaxlm select` and `jaxlm align-encoder` (INSTA)."""
 
 from __future__ import annotations
 
@@ -110,13 +110,45 @@ def cmd_stats(args) -> int:
 
 
 def cmd_align(args) -> int:
-    from jaxlm.data.selection import align_encoder_command
+    """`jaxlm align-encoder`: tune the aligned INSTA encoder (`jaxlm.train.embedder_tuning.align_encoder`)
+    and print one JSON line {output_dir, groups, steps, first_loss, last_loss}."""
+    from jaxlm.train.embedder_tuning import align_encoder
 
     _check_source(args)
-    return align_encoder_command(args)
+    summary = align_encoder(args.data_dir, args.output_dir, source=args.source, split=getattr(args, "split", None) or "default",
+                            group_by=args.group_by, steps=args.steps, batch_size=args.batch_size,
+                            learning_rate=args.learning_rate, temperature=args.temperature, seed=args.seed,
+                            max_length=args.max_length)
+    print(json.dumps(summary))
+    return 0
 
 
-def cmd_select(args) -> int:
-    from jaxlm.data.selection import select_command
+def cmd_select(args: Any) -> int:
+    """`jaxlm select`: print the top-k source tasks for a target as JSON lines {rank, task, score}.
 
-    return select_command(args)
+    Super-NI sources are the training tasks of `--split` found on disk and the target may be any task
+    on disk (a test task included); for BIG-bench / BBH (no splits) every task is a source.
+    """
+    from jaxlm.data.selection import TEXT_VIEWS, find_task, load_encoder, rank_sources
+    from jaxlm.data.sources import load_tasks
+
+    if args.top_k < 1:
+        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
+    if args.text not in TEXT_VIEWS:
+        raise UsageError(f"--text {args.text!r} is not a known instruction view; known: {sorted(TEXT_VIEWS)}")
+    if args.source == "superni":
+        split = getattr(args, "split", None) or "default"
+        sources = load_tasks(args.source, args.data_dir, split=split, part="train")
+        target = sources.get(args.target) or find_task(args.target, load_tasks(args.source, args.data_dir))
+    else:
+        sources = load_tasks(args.source, args.data_dir)
+        target = find_task(args.target, sources)
+    if not [name for name in sources if name != target.name]:
+        raise DataError(f"--data_dir {args.data_dir}: no {args.source} source tasks to rank for {target.name!r}")
+    embedder = load_encoder(args.encoder, getattr(args, "cache_dir", None))
+    ranking = rank_sources(target, sources, embedder=embedder, text=args.text)
+    for rank, (name, score) in enumerate(ranking[: args.top_k], start=1):
+        print(json.dumps({"rank": rank, "task": name, "score": round(score, 6)}))
+    return 0
+
+

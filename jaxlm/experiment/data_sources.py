@@ -1,10 +1,10 @@
-"""gin for training runs, the t5x way: experiment files `include` a model file and a run file and set
-a few macros; `--gin.KEY=value` overrides; the operative config lands in the run directory.
+"""gin data sources a run names as `train.data = @...`: thin configurables over `jaxlm.data`, which
+they import only when a run calls them (parsing a config never loads seqio or TensorFlow).
 
-Every configurable a run may name is registered here before parsing, so an unknown configurable or
-parameter (a typo) fails at parse time, before any compute, as a ConfigError naming it. Nothing
-here imports TensorFlow: the seqio data sources are thin wrappers that import `jaxlm.data` only
-when a run actually calls them.
+  mixture_batches  batches of a registered seqio Mixture/Task (`jaxlm.data.batches.build_mixture_batches`)
+  task_mixture     registers a source's tasks + a Mixture and returns its name
+  rewrite_data     the string-rewrite diversity mixture
+  tagi_data        TAGI grouped batches (`jaxlm.data.tagi_batches`)
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from typing import Any
 import gin
 
 from jaxlm.errors import ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-_REGISTERED = False
 
 
 @gin.configurable
@@ -36,9 +33,9 @@ def mixture_batches(
     shard_index: int = 0,
     num_shards: int = 1,
 ) -> Any:
-    """Batches of a registered seqio Mixture/Task (`jaxlm.data.batches.mixture_batches`); bind it as
+    """Batches of a registered seqio Mixture/Task (`jaxlm.data.batches.build_mixture_batches`); bind it as
     `train.data = @mixture_batches` (the loop supplies shard_index/num_shards)."""
-    from jaxlm.data.batches import mixture_batches as build
+    from jaxlm.data.batches import build_mixture_batches as build
 
     return build(mixture_or_task, batch_size=batch_size, layout=layout, max_input_len=max_input_len,
                  max_target_len=max_target_len, pack=pack, seed=seed, split=split, cache_dir=cache_dir,
@@ -95,7 +92,7 @@ def rewrite_data(
     """Batches of the string-rewrite diversity mixture of `rules` (a `RewriteConfig`, bound in gin as
     `rewrite_data.rules = @RewriteConfig()`), byte vocabulary, decoder-only `x|y|z=` rows; bind as
     `train.data = @rewrite_data`. `pack`: several rows per sequence of max_input_len + max_target_len."""
-    from jaxlm.data.batches import rewrite_batches
+    from jaxlm.data.mixtures import rewrite_batches
 
     return rewrite_batches(rules, batch_size=batch_size, part=part, max_input_len=max_input_len,
                            max_target_len=max_target_len, pack=pack, seed=seed, shard_index=shard_index,
@@ -199,74 +196,3 @@ def _passages_from_tasks(rules: Any, data_dir: str | None, part: str | None, nam
                            rewrite_config=rules)
         write_passages(list(tasks.values()), directory)
     return directory
-
-
-def register_configurables() -> None:
-    """Make every configurable (training and evaluation sweeps) known to gin before any config is parsed
-    and locked (idempotent): importing one later, after a parse, is a gin error."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from jaxlm.data.string_rewrite import (
-        RewriteConfig,  # plain Python: no seqio/TensorFlow import
-    )
-    from jaxlm.eval import methods, rewrite, sweep  # noqa: F401  (their @gin.configurable)
-    from jaxlm.models.hypernet import HypernetConfig
-    from jaxlm.models.llama import LlamaConfig
-    from jaxlm.models.lora import LoraSpec
-    from jaxlm.models.t5 import T5Config
-    from jaxlm.train import loop, objectives, optim, synthetic, tagi  # noqa: F401  (their @gin.configurable)
-
-    for cls in (LlamaConfig, T5Config, LoraSpec, RewriteConfig, HypernetConfig):
-        gin.external_configurable(cls)
-    gin.add_config_file_search_path(str(REPO_ROOT))
-    _REGISTERED = True
-
-
-def parse_config(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
-    """Clear gin, then parse files + bindings; any problem -> ConfigError naming the file/binding."""
-    register_configurables()
-    gin.clear_config()
-    for f in gin_files:
-        if not Path(f).is_file() and not (REPO_ROOT / f).is_file():
-            raise ConfigError(f"--gin_file {f}: no such file")
-    files = [f if Path(f).is_file() else str(REPO_ROOT / f) for f in gin_files]
-    try:
-        gin.parse_config_files_and_bindings(files, [], finalize_config=False)
-    except (OSError, ValueError, KeyError, SyntaxError) as e:
-        raise ConfigError(f"gin file {', '.join(gin_files)}: {_first_line(e)}") from None
-    for binding in bindings:
-        try:
-            gin.parse_config(binding)
-        except (ValueError, KeyError, SyntaxError) as e:
-            raise ConfigError(f"gin binding {binding!r}: {_first_line(e)}") from None
-    try:
-        gin.finalize()  # validates macros: a %NAME never defined fails here
-    except ValueError as e:
-        raise ConfigError(f"gin config {', '.join(gin_files)}: {_first_line(e).split(' in config string')[0]}") from None
-
-
-def require_bindings(configurable: str, names: Sequence[str]) -> None:
-    """Fail before any compute when a required parameter of `configurable` is not bound."""
-    missing = []
-    for name in names:
-        try:
-            gin.query_parameter(f"{configurable}.{name}")
-        except ValueError:
-            missing.append(f"{configurable}.{name}")
-    if missing:
-        raise ConfigError(f"gin config binds no {', '.join(missing)} (add them to the experiment file or --gin.)")
-
-
-def split_override(arg: str) -> str:
-    """'--gin.train.num_steps=10' -> 'train.num_steps=10'."""
-    body = arg.removeprefix("--gin.")
-    if "=" not in body:
-        raise ConfigError(f"{arg}: expected --gin.KEY=value")
-    key, _, value = body.partition("=")
-    return f"{key} = {value}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.splitlines()[:2])

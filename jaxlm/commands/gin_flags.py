@@ -1,0 +1,57 @@
+"""The gin flags every gin-driven command takes (`train`, `plan`, `eval`, `demo`, `export`), t5x style:
+
+  --gin_file PATH            a gin file (repeatable; later files win), found as given, then on the
+                             search paths (the jaxlm checkout's root is always one)
+  --gin.KEY=VALUE            one binding, e.g. --gin.train.num_steps=10 (repeatable; string values
+                             need gin quotes: --gin.train.mesh_shape="'data=2,fsdp=4'")
+  --gin_bindings 'KEY = V'   the same, as one argument (repeatable)
+  --gin_search_paths DIRS    comma-separated directories where gin files and their includes are looked up
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jaxlm.experiment.gin_config import split_override
+
+
+class GinArgumentParser(argparse.ArgumentParser):
+    """Accepts `--gin.KEY=value` (an open-ended flag family argparse cannot declare) into args.gin_overrides."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):
+        args = list(sys.argv[1:] if args is None else args)
+        overrides = [a for a in args if a.startswith("--gin.")]
+        rest = [a for a in args if not a.startswith("--gin.")]
+        namespace, extras = super().parse_known_args(rest, namespace)
+        namespace.gin_overrides = list(getattr(namespace, "gin_overrides", None) or []) + overrides
+        return namespace, extras
+
+
+def gin_subparser(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand parser that accepts `--gin.KEY=value` (see `GinArgumentParser`)."""
+    saved = subparsers._parser_class
+    subparsers._parser_class = GinArgumentParser
+    try:
+        return subparsers.add_parser(name, **kwargs)
+    finally:
+        subparsers._parser_class = saved
+
+
+def add_gin_flags(p: argparse.ArgumentParser, file_help: str = "gin file (repeatable; later files win)") -> None:
+    """Add --gin_file, --gin_bindings and --gin_search_paths (--gin.KEY=value comes with `gin_subparser`)."""
+    p.add_argument("--gin_file", action="append", default=[], help=file_help)
+    p.add_argument("--gin_bindings", action="append", default=[], help="'KEY = value' gin binding (repeatable)")
+    p.add_argument("--gin_search_paths", default="", help="comma-separated directories to look up gin files in")
+
+
+def gin_bindings(args: Any) -> list[str]:
+    """Every binding of the command line, in order: --gin_bindings first, then each --gin.KEY=value."""
+    return list(args.gin_bindings) + [split_override(a) for a in getattr(args, "gin_overrides", [])]
+
+
+def gin_search_paths(args: Any) -> list[str]:
+    """The --gin_search_paths directories, in order."""
+    return [p for p in (getattr(args, "gin_search_paths", "") or "").split(",") if p]

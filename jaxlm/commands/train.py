@@ -1,0 +1,71 @@
+"""`jaxlm train` (one run, or a TAGI pipeline of several) and `jaxlm adapter` (the LoRA a trained TAGI
+hypernetwork emits for an instruction, as a PEFT directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
+from jaxlm.errors import UsageError
+
+TRAIN_HELP = """\
+Train from gin files, t5x style:
+  jaxlm train --gin_file=experiments/tests/tiny_lm.gin --gin.train.num_steps=50 --workdir runs/tiny
+Writes DIR/config.gin (operative config), DIR/metrics.jsonl (one line per logged step),
+DIR/tensorboard/ and DIR/checkpoints/; rerunning with the same --workdir resumes from the last
+complete checkpoint. String values need gin quotes: --gin.train.mesh_shape="'data=2,fsdp=4'".
+"""
+
+
+def cmd_train(args: Any) -> int:
+    from jaxlm.distributed import initialize_distributed
+    from jaxlm.experiment.gin_config import parse_config
+    from jaxlm.experiment.runner import run_parsed_config
+
+    if not args.gin_file:
+        raise UsageError("jaxlm train needs at least one --gin_file")
+    parse_config(args.gin_file, gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
+    initialize_distributed()  # joins a SLURM/TPU-pod/launcher run; a no-op for one process
+
+    summary = run_parsed_config(args.workdir)  # one `train`, or a TAGI pipeline (one train per gin scope)
+    out = {k: summary[k] for k in ("step", "loss", "skipped_steps", "resumed_from", "workdir")}
+    print(json.dumps(out), file=sys.stderr)
+    return 0
+
+
+ADAPTER_HELP = """\
+Write the LoRA adapter a trained TAGI hypernetwork generates for an instruction, as a PEFT dir:
+  jaxlm adapter --hypernet RUN_DIR --instruction "Definition: ..." --output ADAPTER_DIR
+RUN_DIR is a TAGI run (RUN/hypernet, or RUN/stage2/hypernet of a two-stage run) or the hypernet dir.
+adapter_config.json names the base model's HF dir (exported with the hypernetwork), so
+`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), ADAPTER_DIR)` and
+`jaxlm generate/score --model BASE_DIR --adapter ADAPTER_DIR` use it as is; the printed JSON names that dir.
+"""
+
+
+def cmd_adapter(args: Any) -> int:
+    from jaxlm.checkpoints.hypernet import load_hypernet
+
+    hyper = load_hypernet(args.hypernet)
+    out = hyper.export_adapter(args.instruction, args.output)
+    print(json.dumps({"adapter": str(out), "base_model_dir": str(hyper.base_model_dir)}))
+    return 0
+
+
+def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
+    """Add `train` and `adapter`; return {command name: handler(args) -> exit status}."""
+    train = gin_subparser(subparsers, "train", help="train from gin files", description=TRAIN_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_gin_flags(train)
+    train.add_argument("--workdir", required=True, help="run directory (resumes when it has checkpoints)")
+    adapter = subparsers.add_parser("adapter", help="PEFT adapter from a TAGI hypernetwork and an instruction",
+                                    description=ADAPTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    adapter.add_argument("--hypernet", required=True, help="TAGI run dir or its hypernet/ dir")
+    adapter.add_argument("--instruction", required=True, help="the task instruction the hypernetwork reads")
+    adapter.add_argument("--output", required=True, help="PEFT adapter directory to write")
+    return {"train": cmd_train, "adapter": cmd_adapter}

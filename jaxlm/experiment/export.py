@@ -1,0 +1,54 @@
+"""Export a finished `jaxlm train` run directory: its operative config (RUN/config.gin) rebuilds the
+objective, its checkpoint gives the trained params, and the objective's `export` writes them
+(`jaxlm.train.objectives.LanguageModel.export`: a HF dir, a PEFT dir, or LoRA merged into a HF dir;
+a TAGI run's hypernetwork; a LoRATeachers directory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+
+from jaxlm.errors import UsageError
+from jaxlm.experiment.gin_config import parse_config
+from jaxlm.train.loop import restore_trained
+
+RUN_CONFIG = "config.gin"
+
+
+def export_run(workdir: str | Path, output: str | Path, *, step: int | None = None, merged: bool = False,
+               search_paths: Sequence[str] = ()) -> dict[str, Any]:
+    """Write the model a run trained.
+
+    Args:
+      workdir: a `jaxlm train` run directory (RUN/config.gin and RUN/checkpoints/); for a TAGI
+        pipeline, one stage's directory (RUN/stage2).
+      output: the directory to write.
+      step: the checkpoint step (default: the newest readable one).
+      merged: fold a LoRA into the base and write a plain HF directory.
+      search_paths: gin search paths (for a config whose includes are not under the checkout).
+
+    Returns:
+      {"output": str, "step": int, "objective": class name}.
+
+    Raises:
+      UsageError: `workdir` is not a run directory; CheckpointError: no readable checkpoint;
+      ConfigError: the run's config does not parse, or `merged` does not apply to its objective.
+    """
+    config = Path(workdir) / RUN_CONFIG
+    if not config.is_file():
+        stages = sorted(p.name for p in Path(workdir).glob(f"*/{RUN_CONFIG}")) if Path(workdir).is_dir() else []
+        hint = f"; its stages are {', '.join(str(Path(workdir) / s) for s in stages)}" if stages else ""
+        raise UsageError(f"--workdir {workdir}: no {RUN_CONFIG} (not a jaxlm train run directory){hint}")
+    parse_config([str(config)], [], search_paths)
+    bound = gin.get_bindings("train")
+    objective = bound["objective"]
+    state, frozen, at = restore_trained(
+        workdir, objective=objective, optimizer=bound["optimizer"], mesh_shape=bound.get("mesh_shape", "data=-1"),
+        microbatches=bound.get("microbatches", 1), compute_dtype=bound.get("compute_dtype", "float32"),
+        seed=bound.get("seed", 0), step=step)
+    path = objective.export(output, state.params, frozen, merged=merged)
+    return {"output": str(path), "step": at, "objective": type(objective).__name__}

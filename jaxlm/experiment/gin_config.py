@@ -1,0 +1,130 @@
+"""gin for training runs, the t5x way: experiment files `include` a model file and a run file and set
+a few macros; `--gin.KEY=value` overrides; the operative config lands in the run directory.
+
+Every configurable a run may name is registered here before parsing, so an unknown configurable or
+parameter (a typo) fails at parse time, before any compute, as a ConfigError naming it. Nothing
+here imports TensorFlow: the seqio data sources (`jaxlm.experiment.data_sources`) import `jaxlm.data`
+only when a run actually calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+
+from jaxlm.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_REGISTERED = False
+
+
+class _NoPackageLookupNoise(logging.Filter):
+    """gin tries every relative include as a Python-package resource too and logs 'Path not found' on
+    the root logger for each miss, although the file is then found on a search path: drop those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.module == "resource_reader" and str(record.msg).startswith("Path not found"))
+
+
+def register_configurables() -> None:
+    """Make every configurable (training and evaluation sweeps) known to gin before any config is parsed
+    and locked (idempotent): importing one later, after a parse, is a gin error."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from jaxlm.data.string_rewrite import (
+        RewriteConfig,  # plain Python: no seqio/TensorFlow import
+    )
+    from jaxlm.eval import methods, rewrite, sweep  # noqa: F401  (their @gin.configurable)
+    from jaxlm.models.hypernet import HypernetConfig
+    from jaxlm.models.llama import LlamaConfig
+    from jaxlm.models.lora import LoraSpec
+    from jaxlm.models.t5 import T5Config
+    from jaxlm.experiment import data_sources, runner  # noqa: F401  (their @gin.configurable)
+    from jaxlm.train import loop, objectives, optim, synthetic, tagi  # noqa: F401  (their @gin.configurable)
+
+    for cls in (LlamaConfig, T5Config, LoraSpec, RewriteConfig, HypernetConfig):
+        gin.external_configurable(cls)
+    gin.add_config_file_search_path(str(REPO_ROOT))
+    _REGISTERED = True
+
+
+def find_gin_file(name: str, search_paths: Sequence[str] = ()) -> Path | None:
+    """`name` as given, else under each search path, else under the jaxlm checkout's root; None if absent."""
+    for root in (None, *search_paths, REPO_ROOT):
+        candidate = Path(name) if root is None else Path(root) / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def parse_config(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> None:
+    """Clear gin, then parse files + bindings.
+
+    Args:
+      gin_files: gin files, found as given, then under `search_paths`, then under the checkout's root
+        (their `include`s are looked up the same way).
+      bindings: 'KEY = value' strings applied after the files, in order.
+      search_paths: directories to look up gin files and includes in.
+
+    Raises:
+      ConfigError: a missing file, a parse error, an unknown configurable or parameter, or a macro
+        never defined (`%gin.REQUIRED` macros left unset are named); the message names the file or binding.
+    """
+    register_configurables()
+    gin.clear_config()
+    for path in search_paths:
+        if not Path(path).is_dir():
+            raise ConfigError(f"--gin_search_paths {path}: not a directory")
+        if path not in gin.config._LOCATION_PREFIXES:
+            gin.add_config_file_search_path(path)
+    files = []
+    for f in gin_files:
+        found = find_gin_file(f, search_paths)
+        if found is None:
+            raise ConfigError(f"--gin_file {f}: no such file")
+        files.append(str(found))
+    quiet = _NoPackageLookupNoise()
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+    except (OSError, ValueError, KeyError, SyntaxError) as e:
+        raise ConfigError(f"gin file {', '.join(gin_files)}: {_first_line(e)}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    for binding in bindings:
+        try:
+            gin.parse_config(binding)
+        except (ValueError, KeyError, SyntaxError) as e:
+            raise ConfigError(f"gin binding {binding!r}: {_first_line(e)}") from None
+    try:
+        gin.finalize()  # validates macros: a %NAME never defined fails here
+    except ValueError as e:
+        raise ConfigError(f"gin config {', '.join(gin_files)}: {_first_line(e).split(' in config string')[0]}") from None
+
+
+def run_gin_files(gin_files: list[str], bindings: list[str], workdir: str | Path) -> dict[str, Any]:
+    """Parse gin files + bindings and run them (`jaxlm.experiment.runner.run_parsed_config`): experiment
+    drivers' one call."""
+    from jaxlm.experiment.runner import run_parsed_config
+
+    parse_config(gin_files, bindings)
+    return run_parsed_config(workdir)
+
+
+def split_override(arg: str) -> str:
+    """'--gin.train.num_steps=10' -> 'train.num_steps=10'."""
+    body = arg.removeprefix("--gin.")
+    if "=" not in body:
+        raise ConfigError(f"{arg}: expected --gin.KEY=value")
+    key, _, value = body.partition("=")
+    return f"{key} = {value}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.splitlines()[:2])
