@@ -1,4 +1,5 @@
-"""The core (models, train, eval) never imports TensorFlow/seqio: only jaxlm/data may."""
+"""The core (models, train, eval), the experiment layer and the commands that need no data never
+import TensorFlow/seqio: only jaxlm/data may."""
 
 import subprocess
 import sys
@@ -8,7 +9,8 @@ CORE_MODULES = [
     "jaxlm.train.steps", "jaxlm.train.loop", "jaxlm.train.objectives", "jaxlm.experiment.gin_config", "jaxlm.train.plan",
     "jaxlm.distributed", "jaxlm.train.embedder_tuning", "jaxlm.checkpoints.train_state",
     "jaxlm.eval.engine", "jaxlm.eval.metrics", "jaxlm.eval.methods", "jaxlm.eval.sweep", "jaxlm.eval.report",
-    "jaxlm.eval.commands", "jaxlm.models.hypernet", "jaxlm.train.tagi", "jaxlm.checkpoints.hypernet", "jaxlm.cli",
+    "jaxlm.commands.eval", "jaxlm.commands.train", "jaxlm.commands.export", "jaxlm.commands.plan",
+    "jaxlm.experiment.runner", "jaxlm.experiment.export", "jaxlm.models.hypernet", "jaxlm.train.tagi", "jaxlm.checkpoints.hypernet", "jaxlm.cli",
 ]
 
 

@@ -19,7 +19,7 @@ def demo_run(tmp_path_factory, shared_data):
 
     run = tmp_path_factory.mktemp("demo") / "run"
     assert main(["demo", "--workdir", str(run), "--gin_file", "experiments/tests/tiny_demo.gin",
-                 "--gin", f"eval_sweep.data_dir = '{shared_data}'"]) == 0
+                 f"--gin.eval_sweep.data_dir='{shared_data}'"]) == 0
     yield run
     gin.clear_config()  # the demo's last parse binds configurables (CrossTask.sources, ...) other tests build
 

@@ -12,7 +12,8 @@ import pytest
 
 import jaxlm
 from jaxlm.checkpoints.pretrained import export_hf
-from jaxlm.data.selection import align_encoder_command, instruction_groups, load_encoder
+from jaxlm.commands.data import cmd_align
+from jaxlm.data.selection import instruction_groups, load_encoder
 from jaxlm.data.sources import load_tasks
 from jaxlm.errors import DataError, UsageError
 from jaxlm.models.embedder import SentenceEmbedder
@@ -97,18 +98,18 @@ def test_tuning_aligns_same_category_instructions_and_round_trips(minilm, tasks,
 
 
 def test_align_encoder_command_writes_a_loadable_encoder(shared_data, tmp_path, capsys):
-    """`align_encoder_command` on every real training task (one group of views per task); the same
+    """`jaxlm align-encoder` (`cmd_align` -> `embedder_tuning.align_encoder`) on every real training task (one group of views per task); the same
     hyperparameters and shapes as above, so the jitted step is reused from the cache."""
     args = Namespace(data_dir=str(shared_data), source="superni", split="default", output_dir=str(tmp_path / "enc"),
                      group_by="task", steps=2, batch_size=TUNING["batch_size"], learning_rate=TUNING["learning_rate"],
                      temperature=TUNING["temperature"], seed=0, max_length=MAX_LENGTH)
-    assert align_encoder_command(args) == 0
+    assert cmd_align(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 2 and 150 < report["groups"] <= 204 and report["first_loss"] > 0
     reloaded = jaxlm.load_pretrained(tmp_path / "enc")
     assert reloaded.family == "bert" and reloaded.config.hidden_size == 384
     with pytest.raises(UsageError, match="by 'source'"):
-        align_encoder_command(Namespace(**{**vars(args), "group_by": "source"}))
+        cmd_align(Namespace(**{**vars(args), "group_by": "source"}))
 
 
 def test_bad_groups_and_settings_are_named(minilm, tasks):

@@ -8,6 +8,7 @@ from argparse import Namespace
 import numpy as np
 import pytest
 
+from jaxlm.commands.data import cmd_select as select_command
 from jaxlm.data.selection import (
     TEXT_VIEWS,
     find_task,
@@ -15,7 +16,6 @@ from jaxlm.data.selection import (
     instruction_view,
     load_encoder,
     rank_sources,
-    select_command,
     select_top_k,
     selection_mixture_rates,
 )

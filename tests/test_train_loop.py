@@ -136,6 +136,9 @@ def _bound(name: str) -> bool:
         return False
 
 
+RUN_FILE_MACROS = ["NUM_STEPS = 1", "LEARNING_RATE = 1e-3", "WARMUP_STEPS = 0", "NUM_TASKS = 2"]
+
+
 def test_every_experiment_file_parses():
     """Experiments (model file + run file + macros) parse on their own; run files need a model's macros;
     fragments (data sources, TAGI stage and ablation switches) are included by experiments; eval
@@ -150,7 +153,11 @@ def test_every_experiment_file_parses():
             "data" in f.parts or f.name == "synthetic_data.gin" or "ablations" in f.parts
             or ("tagi" in f.parts and f.name in tagi_fragments) or f.name in demo_fragments
         )
-        if "runs" in f.parts or fragment:
+        if "runs" in f.parts:  # run files declare their budget macros %gin.REQUIRED
+            with pytest.raises(ConfigError, match="REQUIRED"):
+                parse_config(["experiments/models/tiny_llama.gin", str(f)])
+            parse_config(["experiments/models/tiny_llama.gin", str(f)], RUN_FILE_MACROS)
+        elif fragment:
             parse_config(["experiments/models/tiny_llama.gin", str(f)])
         else:
             parse_config([str(f)])  # unknown names, parameters or macros would raise ConfigError

@@ -1,0 +1,107 @@
+"""`jaxlm export` of a trained run: transformers / peft load what it writes and agree with jaxlm."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from jaxlm.cli import main
+
+IDS = [[3, 17, 42, 9, 57, 5, 12, 60]]
+SCORE_ROWS = [{"input_ids": [3, 17, 42, 9], "target_ids": [57, 5, 12, 60]},  # ids < vocab 64
+              {"input_ids": [8, 1, 39], "target_ids": [4, 4, 30, 2, 11]}]
+
+
+def _train(tmp_path, gin_file, name, steps=6):
+    workdir = tmp_path / name
+    assert main(["train", f"--gin_file=experiments/tests/{gin_file}", f"--gin.NUM_STEPS={steps}",
+                 "--gin.train.checkpoint_every=3", "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+def _hf_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+def _peft_logprobs(model, rows):
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["input_ids"] + r["target_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)[0]
+            n = len(r["input_ids"])
+            out.append([float(logp[n - 1 + j, t]) for j, t in enumerate(r["target_ids"])])
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("lora"), "tiny_lora.gin", "run")
+
+
+def test_lora_run_exports_a_peft_dir_that_peft_and_jaxlm_score_agree_on(lora_run, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path / "adapter"
+    assert main(["export", "--workdir", str(lora_run), "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"output": str(out), "step": 6, "objective": "CausalLM"}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 16.0
+    assert config["base_model_name_or_path"] == str((out / "base").resolve())  # random-init base written beside it
+
+    inp, scored = tmp_path / "in.jsonl", tmp_path / "scores.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in SCORE_ROWS))
+    assert main(["score", "--model", str(out / "base"), "--adapter", str(out), "--input", str(inp),
+                 "--output", str(scored)]) == 0
+    ours = [json.loads(line)["token_logprobs"] for line in scored.read_text().splitlines()]
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(out / "base"), out).eval()
+    ref = _peft_logprobs(model, SCORE_ROWS)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    base_only = _peft_logprobs(LlamaForCausalLM.from_pretrained(out / "base").eval(), SCORE_ROWS)
+    assert max(abs(x - y) for a, b in zip(ref, base_only) for x, y in zip(a, b)) > 1e-3  # the adapter matters
+
+
+def test_merged_export_equals_the_adapter_and_an_earlier_step_differs(lora_run, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    assert main(["export", "--workdir", str(lora_run), "--output", str(tmp_path / "a")]) == 0
+    assert main(["export", "--workdir", str(lora_run), "--merged", "--output", str(tmp_path / "m")]) == 0
+    assert main(["export", "--workdir", str(lora_run), "--step", "3", "--output", str(tmp_path / "s3")]) == 0
+    adapted = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "a" / "base"), tmp_path / "a").eval()
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert not (tmp_path / "m" / "adapter_config.json").exists()
+    np.testing.assert_allclose(_hf_logits(merged), _hf_logits(adapted), atol=1e-4)
+    early = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "s3" / "base"), tmp_path / "s3").eval()
+    assert np.abs(_hf_logits(early) - _hf_logits(adapted)).max() > 1e-4
+
+
+def test_full_finetune_exports_a_hf_dir_matching_the_trained_params(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    import jaxlm
+
+    run = _train(tmp_path, "tiny_lm.gin", "full", steps=3)
+    assert main(["export", "--workdir", str(run), "--output", str(tmp_path / "hf")]) == 0
+    pre = jaxlm.load_pretrained(tmp_path / "hf")
+    ours = np.asarray(pre.model.apply({"params": pre.params}, np.asarray(IDS)))
+    ref = _hf_logits(LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval())
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_export_errors_are_one_line(tmp_path, capsys):
+    assert main(["export", "--workdir", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+    assert "no config.gin" in capsys.readouterr().err
+    run = _train(tmp_path, "tiny_lm.gin", "full", steps=3)
+    assert main(["export", "--workdir", str(run), "--merged", "--output", str(tmp_path / "x")]) == 2
+    assert "merged=True needs a LoRA run" in capsys.readouterr().err
+    assert main(["export", "--workdir", str(run), "--step", "99", "--output", str(tmp_path / "x")]) == 2
+    assert "no checkpoint for step 99" in capsys.readouterr().err
