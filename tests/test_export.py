@@ -105,3 +105,19 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert "merged=True needs a LoRA run" in capsys.readouterr().err
     assert main(["export", "--workdir", str(run), "--step", "99", "--output", str(tmp_path / "x")]) == 2
     assert "no checkpoint for step 99" in capsys.readouterr().err
+
+
+def test_an_eval_sweep_model_accepts_a_run_dir_and_a_peft_dir(lora_run, tmp_path):
+    """EvalModel(pretrained=RUN) exports the run; a PEFT dir is merged into its base: both give the
+    merged export's logits."""
+    import jaxlm
+    from jaxlm.eval.sweep import EvalModel
+
+    assert main(["export", "--workdir", str(lora_run), "--merged", "--output", str(tmp_path / "m")]) == 0
+    assert main(["export", "--workdir", str(lora_run), "--output", str(tmp_path / "a")]) == 0
+    merged = jaxlm.load_pretrained(tmp_path / "m")
+    want = np.asarray(merged.model.apply({"params": merged.params}, np.asarray(IDS)))
+    for source in (lora_run, tmp_path / "a"):
+        pre = EvalModel("m", pretrained=str(source)).load()
+        got = np.asarray(pre.model.apply({"params": pre.params}, np.asarray(IDS)))
+        np.testing.assert_allclose(got, want, atol=1e-5)

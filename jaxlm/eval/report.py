@@ -1,5 +1,5 @@
 """Sweep reports from `results.jsonl`: summary tables (markdown + CSV) per method x task group, and
-PNG bar charts comparing methods.
+PNG bar charts comparing methods (drawn by `jaxlm.eval.plots`).
 
 Rows: (model, method). A method with several sources (cross-task, pseudo-labels) gives three rows:
 `name` (the majority vote over sources, its prediction), `name:mean` (each source's metric averaged)
@@ -134,31 +134,18 @@ def _safe(name: str) -> str:
 
 
 def plot_methods(summary: Sequence[dict[str, Any]], model: str, metric: str, path: Path) -> Path | None:
-    """Grouped bars: one group of bars per task group, one bar per method (matplotlib, Agg backend)."""
+    """Grouped bars (`jaxlm.eval.plots.grouped_bars`): one group of bars per task group, one bar per
+    method; a method without a value in a group has no bar there (a gap, not 0)."""
+    from jaxlm.eval import plots
+
     rows = [s for s in summary if s["model"] == model and s["metric"] == metric]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     groups = [g for g in groups_of(summary) if any(s["group"] == g for s in rows)]
     methods = list(dict.fromkeys(s["method"] for s in rows))
-    values = {(s["method"], s["group"]): s["value"] for s in rows}
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.25 * len(groups) * len(methods) + 2.0)), 4.5))
-    x = np.arange(len(groups))
-    for i, method in enumerate(methods):
-        ax.bar(x + i * width - 0.4 + width / 2, [values.get((method, g), 0.0) for g in groups], width, label=method)
-    ax.set_xticks(x)
-    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"{metric} (x100)")
-    ax.set_title(f"{model}: {metric} by task group")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-    plt.close(fig)
-    return path
+    fig, _ = plots.grouped_bars(
+        {(s["method"], s["group"]): s["value"] for s in rows}, methods, groups,
+        figsize=(min(14.0, max(6.0, 0.25 * len(groups) * len(methods) + 2.0)), 4.5),
+        ylabel=f"{metric} (x100)", title=f"{model}: {metric} by task group",
+        tick_kw={"rotation": 30, "ha": "right", "fontsize": 8}, legend_kw={"fontsize": 7, "ncol": 2})
+    return plots.save(fig, path)

@@ -16,7 +16,6 @@ is one batched engine call over all rules.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from jaxlm.data.string_rewrite import (
 )
 from jaxlm.checkpoints.instruction_codec import text_codec
 from jaxlm.errors import ConfigError, UsageError
-from jaxlm.jsonl import JsonlWriter, read_jsonl
+from jaxlm.jsonl import ResultsLog, json_line
 from jaxlm.files import write_atomically
 
 REWRITE_METHODS = ("no_instruction", "in_context", "icil", "teacher", "hypernet")
@@ -108,7 +107,9 @@ class RewriteEval:
     `rules`: the RewriteConfig the base was trained on (its held-out part is evaluated, `max_rules` of
     them); `base`: the base HF dir; `hypernet`: a TAGI run or hypernet dir (method "hypernet");
     `teachers`: LoRA teachers of the held-out rules, teacher i for held-out rule i (method "teacher").
-    ICIL demos: `icil_demos` training rules drawn with `seed`."""
+    ICIL demos: `icil_demos` training rules drawn with `seed`. `buckets`: the engine's padded lengths
+    (None: the engine's default). Drivers with their own record format (experiments/studies/tagi)
+    use the pieces: `heldout_tasks`, `load_engine`, `score`."""
 
     rules: Any = None
     base: str | None = None
@@ -119,7 +120,7 @@ class RewriteEval:
     seed: int = 0
     max_rules: int | None = None
     batch_size: int = 64
-    buckets: tuple[int, ...] = (32, 64, 128, 256)  # rows are short: few compiled shapes
+    buckets: tuple[int, ...] | None = (32, 64, 128, 256)  # rows are short: few compiled shapes
     max_new_tokens: int = 24
 
     def __post_init__(self) -> None:
@@ -147,38 +148,52 @@ class RewriteEval:
             return lora_lib.select(stacked, np.arange(len(tasks)))
         return None
 
-    def run(self, workdir: str | Path, on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """Evaluate every method not yet in WORKDIR/results.jsonl; each result line is appended (and
-        fsynced) as its method finishes, its predictions written to WORKDIR/predictions/<method>.jsonl."""
+    def heldout_tasks(self) -> list[TaskData]:
+        """The evaluated rules: the first `max_rules` held-out rules of `rules`."""
+        return rewrite_tasks(self.rules, part="test")[: self.max_rules]
+
+    def load_engine(self) -> Any:
+        """An engine over the `base` model (its `.pretrained` is the base)."""
         import jaxlm
         from jaxlm.eval.engine import Engine
 
+        buckets = {"buckets": tuple(self.buckets)} if self.buckets is not None else {}
+        return Engine(jaxlm.load_pretrained(self.base), batch_size=self.batch_size, **buckets)
+
+    def score(self, engine: Any, tasks: Sequence[TaskData], method: str,
+              demos: Sequence[tuple[str, str]] = ()) -> RewriteScores:
+        """`evaluate_method` of one method with its adapters (`adapters`) and `max_new_tokens`; `demos`
+        are used by "icil" only."""
+        return evaluate_method(engine, tasks, method, lora=self.adapters(method, tasks, engine.pretrained),
+                               demos=demos if method == "icil" else (), max_new_tokens=self.max_new_tokens)
+
+    def run(self, workdir: str | Path, on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Evaluate every method not yet in WORKDIR/results.jsonl; each result line is appended (and
+        fsynced, `jaxlm.jsonl.ResultsLog`) as its method finishes, its predictions written to
+        WORKDIR/predictions/<method>.jsonl."""
         workdir = Path(workdir)
-        results_file = workdir / "results.jsonl"
-        done = {r["method"]: r for r in (read_jsonl(results_file) if results_file.is_file() else [])}
+        results = ResultsLog(workdir / "results.jsonl", key=lambda r: r["method"])
+        done = results.latest()
         if all(m in done for m in self.methods):
             return [done[m] for m in self.methods]
-        heldout = rewrite_tasks(self.rules, part="test")[: self.max_rules]
+        heldout = self.heldout_tasks()
         demos = icil_demos(rewrite_tasks(self.rules, part="train"), self.icil_demos, self.seed)
-        base = jaxlm.load_pretrained(self.base)
-        engine = Engine(base, batch_size=self.batch_size, buckets=tuple(self.buckets))
+        engine = self.load_engine()
         rows = []
         for method in self.methods:
             if method in done:
                 rows.append(done[method])
                 continue
             start = time.perf_counter()
-            scores = evaluate_method(engine, heldout, method, lora=self.adapters(method, heldout, base),
-                                     demos=demos if method == "icil" else (), max_new_tokens=self.max_new_tokens)
+            scores = self.score(engine, heldout, method, demos)
             row = {"study": "rewrite", "method": method, "exact_match": round(scores.exact_match, 2),
                    "target_nll": round(scores.target_nll, 4), "rules": len(heldout),
                    "examples": len(scores.predictions), "seconds": round(time.perf_counter() - start, 1)}
             if method == "icil":
                 row["icil_demos"] = [f"{i}{t}" for i, t in demos]
             write_atomically(workdir / "predictions" / f"{method}.jsonl",
-                             lambda f, p=scores.predictions: f.write("".join(json.dumps(r) + "\n" for r in p)))
-            with JsonlWriter(results_file, append=True) as out:
-                out.write_all([row])
+                             lambda f, p=scores.predictions: f.write("".join(json_line(r, ensure_ascii=True) for r in p)))
+            results.append([row])
             if on_result:
                 on_result(row)
             rows.append(row)

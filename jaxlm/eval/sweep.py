@@ -1,8 +1,9 @@
 """Evaluation sweeps: a gin-configured grid of models x methods x tasks (x seeds), resumable cell by cell.
 
 A cell is (model, method, task, seed). Each finished cell writes `predictions/<cell>.jsonl`
-(atomically) and then appends one line to `results.jsonl` (flushed and fsynced), so a killed sweep
-rerun with the same workdir skips every finished cell and recomputes at most the one it was in.
+(atomically) and then appends one line to `results.jsonl` (flushed and fsynced: `jaxlm.jsonl.ResultsLog`),
+so a killed sweep rerun with the same workdir skips every finished cell and recomputes at most the one
+it was in.
 Each line carries a digest of the cell's settings (model, method fields, instance cap, token
 budgets): a rerun with changed settings redoes that cell, and the reports use its latest line.
 At the end: `summary.md` / `summary.csv` (method x task group, `jaxlm.eval.report`), `plots/*.png`,
@@ -27,7 +28,7 @@ import gin
 from jaxlm.data.schema import Instance, TaskData
 from jaxlm.errors import ConfigError, UsageError
 from jaxlm.eval import methods as methods_lib
-from jaxlm.jsonl import JsonlWriter, count_complete_lines, read_jsonl
+from jaxlm.jsonl import ResultsLog, json_line
 from jaxlm.files import write_atomically
 
 RESULTS = "results.jsonl"
@@ -37,9 +38,11 @@ PREDICTIONS = "predictions"
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EvalModel:
-    """A model of the grid: `pretrained` (a HF dir, .gguf or weight-package name), the base model of
-    a TAGI `hypernet` (what `Adapter(hypernet=...)` adapts), or a randomly initialised `config`
-    (tests) that borrows the tokenizer of the model named by `tokenizer`."""
+    """A model of the grid: `pretrained` (a HF dir, .gguf or weight-package name; a PEFT adapter dir,
+    merged into its `base_model_name_or_path`; or a `jaxlm train` run directory, exported from its
+    newest checkpoint as `jaxlm export` does), the base model of a TAGI `hypernet` (what
+    `Adapter(hypernet=...)` adapts), or a randomly initialised `config` (tests) that borrows the
+    tokenizer of the model named by `tokenizer`."""
 
     name: str
     pretrained: str | None = None
@@ -64,12 +67,39 @@ class EvalModel:
 
             return load_hypernet(self.hypernet).base
         if self.pretrained is not None:
-            return load_pretrained(self.pretrained, dtype=self.dtype)
+            return _load_trained(Path(self.pretrained), self.dtype) if Path(self.pretrained).is_dir() \
+                else load_pretrained(self.pretrained, dtype=self.dtype)
         if self.tokenizer is None:
             raise ConfigError(f"EvalModel {self.name!r}: a random-init config needs EvalModel.tokenizer (text in, text out)")
         family = self.config.family
         return Pretrained(family, self.config, init_params(family, self.config, self.seed), load_tokenizer(self.tokenizer),
                           f"random-init:{self.name}")
+
+
+def _load_trained(directory: Path, dtype: str) -> Any:
+    """A HF dir as is; a PEFT dir merged into its base; a run dir exported first (`jaxlm export`, in a
+    child process: the run's own gin config must not replace the sweep's) into directory/export/."""
+    import json
+    import subprocess
+
+    from jaxlm.checkpoints.peft import load_peft_adapter
+    from jaxlm.checkpoints.pretrained import Pretrained, load_pretrained
+    from jaxlm.models.lora import merge
+
+    if (directory / "config.gin").is_file() and (directory / "checkpoints").is_dir():
+        out = directory / "export"
+        proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "export", "--workdir", str(directory),
+                               "--output", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr.strip() or "exit status %d" % proc.returncode).splitlines()
+            raise ConfigError(f"EvalModel.pretrained={str(directory)!r}: export failed: {lines[-1]}")
+        directory = out
+    adapter_config = directory / "adapter_config.json"
+    if not adapter_config.is_file():
+        return load_pretrained(directory, dtype=dtype)
+    base = load_pretrained(json.loads(adapter_config.read_text())["base_model_name_or_path"], dtype=dtype)
+    merged = merge(base.params, load_peft_adapter(directory, base))
+    return Pretrained(base.family, base.config, merged, base.tokenizer, str(directory))
 
 
 @gin.configurable
@@ -112,13 +142,10 @@ class Cell:
         return cell_id(self.model, self.method, f"{self.taskset}.{self.task}", self.seed)
 
 
-def finished_cells(workdir: Path) -> set[tuple[str, str]]:
-    """(cell, settings) pairs already in `results.jsonl` (a torn last line, from a kill mid-write, is
-    dropped first)."""
-    path = workdir / RESULTS
-    if count_complete_lines(path) == 0:
-        return set()
-    return {(row["cell"], row.get("settings", "")) for row in read_jsonl(path)}
+def results_log(workdir: Path) -> ResultsLog:
+    """`results.jsonl` of a sweep, keyed by (cell, settings): its done keys are the finished cells (a
+    torn last line, from a kill mid-write, is dropped)."""
+    return ResultsLog(Path(workdir) / RESULTS, key=lambda row: (row["cell"], row.get("settings", "")))
 
 
 def settings_key(model: EvalModel, method: methods_lib.Method, ts: TaskSet, max_new_tokens: int,
@@ -174,7 +201,8 @@ def eval_sweep(
              for seed in (seeds if method.seeded else seeds[:1])]
     if len({c.id for c in cells}) != len(cells):
         raise ConfigError("eval_sweep: two cells share an id (duplicate model names?)")
-    done = finished_cells(workdir)
+    results = results_log(workdir)
+    done = results.done_keys()
     todo = [c for c in cells if (c.id, c.settings) not in done]
     if max_cells is not None:
         todo = todo[:max_cells]
@@ -184,34 +212,32 @@ def eval_sweep(
         source, data_dir, part=part, names=None if names is None else list(names), english_only=True))
     bar = _progress(len(todo), progress)
     num_compiles, ran = 0, 0
-    with JsonlWriter(workdir / RESULTS, append=True) as out:
-        for model in models:
-            mine = [c for c in todo if c.model == model.name]
-            if not mine:
-                continue
-            engine = Engine(model.load(), batch_size=batch_size,
-                            **({"buckets": tuple(buckets)} if buckets else {}))
-            ctx = methods_lib.EvalContext(
-                engine, engine.pretrained.tokenizer,
-                lambda source, part=None, names=None: source_tasks(source, part, None if names is None else tuple(names)),
-                max_source_length=max_source_length, max_new_tokens=max_new_tokens, workdir=workdir,
-                embed_cache_dir=Path(embed_cache_dir) if embed_cache_dir else workdir / "embeddings")
-            by_name = {m.name: m for m in methods}
-            for cell in mine:
-                task = task_lists[cell.taskset][cell.task]
-                ts = tasks[cell.taskset]
-                evaluated, pool = split_instances(task, ts.max_instances)
-                start = time.perf_counter()
-                result = by_name[cell.method].run(ctx, task, evaluated, pool, cell.seed)
-                lines = [_json_line(r) for r in result.records]
-                write_atomically(workdir / PREDICTIONS / f"{cell.id}.jsonl", lambda f, lines=lines: f.writelines(lines))
-                out.write_all([cell_record(cell, ts, task, result, time.perf_counter() - start)])
-                ran += 1
-                bar.update(1)
-            num_compiles += _compiles(engine)
+    for model in models:
+        mine = [c for c in todo if c.model == model.name]
+        if not mine:
+            continue
+        engine = Engine(model.load(), batch_size=batch_size,
+                        **({"buckets": tuple(buckets)} if buckets else {}))
+        ctx = methods_lib.EvalContext(
+            engine, engine.pretrained.tokenizer,
+            lambda source, part=None, names=None: source_tasks(source, part, None if names is None else tuple(names)),
+            max_source_length=max_source_length, max_new_tokens=max_new_tokens, workdir=workdir,
+            embed_cache_dir=Path(embed_cache_dir) if embed_cache_dir else workdir / "embeddings")
+        by_name = {m.name: m for m in methods}
+        for cell in mine:
+            task = task_lists[cell.taskset][cell.task]
+            ts = tasks[cell.taskset]
+            evaluated, pool = split_instances(task, ts.max_instances)
+            start = time.perf_counter()
+            result = by_name[cell.method].run(ctx, task, evaluated, pool, cell.seed)
+            lines = [json_line(r) for r in result.records]
+            write_atomically(workdir / PREDICTIONS / f"{cell.id}.jsonl", lambda f, lines=lines: f.writelines(lines))
+            results.append([cell_record(cell, ts, task, result, time.perf_counter() - start)])
+            ran += 1
+            bar.update(1)
+        num_compiles += _compiles(engine)
     bar.close()
-    rows = read_jsonl(workdir / RESULTS) if (workdir / RESULTS).is_file() else []
-    latest = {r["cell"]: r for r in rows}  # a cell redone with other settings: its last line counts
+    latest = {r["cell"]: r for r in results.rows()}  # a cell redone with other settings: its last line counts
     report.write_reports(workdir, [r for r in latest.values() if r["cell"] in {c.id for c in cells}])
     write_atomically(workdir / "config.gin", lambda f: f.write(gin.operative_config_str()))
     skipped = len(cells) - len([c for c in cells if (c.id, c.settings) not in done])
@@ -273,12 +299,6 @@ def cell_record(cell: Cell, ts: TaskSet, task: TaskData, result: methods_lib.Met
         rec["info"] = result.info
     rec["seconds"] = round(seconds, 3)
     return rec
-
-
-def _json_line(record: dict) -> str:
-    import json
-
-    return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 def _compiles(engine: Any) -> int:

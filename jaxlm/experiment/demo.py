@@ -10,21 +10,22 @@ and each skipped when its output exists, so a killed demo resumes where it stopp
            (eval_rewrite.gin) -> RUN/rewrite
   smollm2  SmolLM2-135M-Instruct on BIG-bench multiple choice: zero-shot, ICIL, cross-task
            (smollm2_bigbench.gin) -> RUN/smollm2
-Every result is appended to RUN/results.jsonl as it comes; RUN/table.md and RUN/plots/*.png at the end.
+Every result is appended to RUN/results.jsonl as it comes (`jaxlm.jsonl.ResultsLog`: fsynced, a torn
+last line dropped, rows already there not appended twice); RUN/table.md and RUN/plots/*.png
+(`jaxlm.eval.plots`) at the end.
 `overrides` (extra gin files parsed after each stage's own) rescale every stage at once, e.g.
 experiments/tests/tiny_demo.gin for the test-size run.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxlm.errors import UsageError
-from jaxlm.jsonl import JsonlWriter, read_jsonl
+from jaxlm.jsonl import ResultsLog, json_line, read_jsonl
 from jaxlm.files import write_atomically
 
 DEMO_DIR = "experiments/demo"
@@ -46,6 +47,8 @@ class DemoRun:
         self.workdir = Path(workdir).resolve()
         self.overrides, self.bindings, self.search_paths = list(overrides), list(bindings), list(search_paths)
         self.results = self.workdir / "results.jsonl"
+        # A row is the result of (study, method, task): what `pending` checks before appending again.
+        self.log = ResultsLog(self.results, key=lambda r: (r.get("study"), r.get("method"), r.get("task")))
         self.stage_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -55,11 +58,10 @@ class DemoRun:
         parse_config([f"{DEMO_DIR}/{stage_file}", *self.overrides], [*bindings, *self.bindings], self.search_paths)
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        with JsonlWriter(self.results, append=True) as out:
-            out.write_all(rows)
+        self.log.append(rows)
 
     def done(self, study: str) -> list[dict[str, Any]]:
-        return [r for r in (read_jsonl(self.results) if self.results.is_file() else []) if r.get("study") == study]
+        return [r for r in self.log.rows() if r.get("study") == study]
 
     def rules(self) -> Any:
         import gin
@@ -89,22 +91,21 @@ class DemoRun:
             counts[name] = (len(tasks), sum(len(t.instances) for t in tasks))
             rows = [{"rule": t.name, "x": t.metadata["x"], "y": t.metadata["y"], "definition": t.definition,
                      "examples": [[i.input, i.outputs[0]] for i in t.instances]} for t in tasks]
-            write_atomically(out / f"{name}.jsonl", lambda f, rows=rows: f.write("".join(json.dumps(r) + "\n" for r in rows)))
+            write_atomically(out / f"{name}.jsonl",
+                             lambda f, rows=rows: f.write("".join(json_line(r, ensure_ascii=True) for r in rows)))
         return (f"{counts['train'][0]} training rules ({counts['train'][1]} examples), {counts['heldout'][0]} "
                 f"held-out rules ({counts['heldout'][1]} examples) -> {out}")
 
     def train_and_export(self, stage_file: str, bindings: Sequence[str], run: Path, target: Path) -> dict[str, Any]:
-        """Train one gin experiment into `run` (resuming it) and export its params as a HF dir."""
+        """Train one gin experiment into `run` (resuming it) and export its params as a HF dir (the
+        objective's `export`: a full finetune's config.json + model.safetensors)."""
         import gin
 
-        from jaxlm.checkpoints.pretrained import Pretrained, export_hf
-        from jaxlm.models.llama import LlamaConfig
         from jaxlm.experiment.runner import run_parsed_config
 
         self.parse(stage_file, bindings)
         out = run_parsed_config(run)
-        config = gin.get_configurable(LlamaConfig)()
-        export_hf(Pretrained("llama", config, None, None, "rewrite-base"), target, params=out["state"].params)
+        gin.get_bindings("train")["objective"].export(target, out["state"].params, out["frozen"])
         return self.train_row(stage_file.removesuffix(".gin"), run)
 
     def stage_base(self) -> str:
@@ -143,8 +144,7 @@ class DemoRun:
             self.append([row])
 
         rows = evaluator.run(self.workdir / "rewrite", on_result=report)
-        have = {r["method"] for r in self.done("rewrite")}  # rows evaluated by a run killed before appending
-        self.append([r for r in rows if r["method"] not in have])
+        self.append(self.log.pending(rows))  # rows evaluated by a run killed before appending
         return f"{rows[0]['rules']} held-out rules x {rows[0]['examples'] // rows[0]['rules']} examples"
 
     def stage_smollm2(self) -> str:
@@ -153,12 +153,10 @@ class DemoRun:
 
         self.parse("smollm2_bigbench.gin")
         out = run_from_gin(self.workdir / "smollm2")
-        rows = read_jsonl(self.workdir / "smollm2" / "results.jsonl")
-        have = {(r["method"], r["task"]) for r in self.done("smollm2_bigbench")}
-        new = [{"study": "smollm2_bigbench", "model": r["model"], "method": r["method"], "task": r["task"],
-                "score": round(float(r["metrics"]["score"]), 2)} for r in expand_rows(rows)
-               if (r["method"], r["task"]) not in have]
-        self.append(new)
+        rows = ResultsLog(self.workdir / "smollm2" / "results.jsonl").rows()
+        self.append(self.log.pending(
+            {"study": "smollm2_bigbench", "model": r["model"], "method": r["method"], "task": r["task"],
+             "score": round(float(r["metrics"]["score"]), 2)} for r in expand_rows(rows)))
         return f"{out['cells']} cells ({out['ran']} run), {out['num_compiles']} compiled shapes"
 
     # ------------------------------------------------------------------ run
@@ -208,52 +206,27 @@ class DemoRun:
         return text
 
     def plot(self, rewrite: list[dict], smol: list[dict]) -> None:
-        import matplotlib
+        from jaxlm.eval import plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        plots = self.workdir / "plots"
-        plots.mkdir(parents=True, exist_ok=True)
+        out = self.workdir / "plots"
+        out.mkdir(parents=True, exist_ok=True)
         if rewrite:
-            fig, ax = plt.subplots(figsize=(7, 3.8))
-            ax.barh([METHOD_LABELS.get(r["method"], r["method"]) for r in rewrite][::-1],
-                    [r["exact_match"] for r in rewrite][::-1], color="tab:blue")
-            ax.set_xlabel("exact match on unseen rules (%)")
-            ax.set_xlim(0, 100)
-            ax.set_title("String rewrites: unseen rules")
-            fig.tight_layout()
-            write_atomically(plots / "rewrite_methods.png", lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-            plt.close(fig)
+            fig, _ = plots.hbars([METHOD_LABELS.get(r["method"], r["method"]) for r in rewrite],
+                                 [r["exact_match"] for r in rewrite], xlabel="exact match on unseen rules (%)",
+                                 xlim=(0, 100), title="String rewrites: unseen rules")
+            plots.save(fig, out / "rewrite_methods.png")
         if smol:
             tasks, methods, score = _score_grid(smol)
-            fig, ax = plt.subplots(figsize=(8, 3.8))
-            width = 0.8 / len(methods)
-            for i, m in enumerate(methods):
-                ax.bar([j + i * width - 0.4 + width / 2 for j in range(len(tasks))],
-                       [score.get((m, t), 0.0) for t in tasks], width, label=m)
-            ax.set_xticks(range(len(tasks)))
-            ax.set_xticklabels(tasks, fontsize=8)
-            ax.set_ylabel("accuracy (%)")
-            ax.set_title("SmolLM2-135M-Instruct, BIG-bench multiple choice")
-            ax.legend(fontsize=7, ncol=2)
-            fig.tight_layout()
-            write_atomically(plots / "smollm2_bigbench.png", lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-            plt.close(fig)
+            fig, _ = plots.grouped_bars(score, methods, tasks, figsize=(8, 3.8), ylabel="accuracy (%)",
+                                        title="SmolLM2-135M-Instruct, BIG-bench multiple choice",
+                                        tick_kw={"fontsize": 8}, legend_kw={"fontsize": 7, "ncol": 2})
+            plots.save(fig, out / "smollm2_bigbench.png")
         runs = {r["stage"]: Path(r["run"]) / "metrics.jsonl" for r in self.done("train")}
         runs = {k: v for k, v in runs.items() if v.is_file()}
         if runs:
-            fig, ax = plt.subplots(figsize=(7, 3.5))
-            for stage, path in runs.items():
-                logged = read_jsonl(path)
-                ax.plot([m["step"] for m in logged], [m["loss"] for m in logged], label=stage)
-            ax.set_xlabel("step")
-            ax.set_ylabel("training loss")
-            ax.set_yscale("log")
-            ax.legend()
-            fig.tight_layout()
-            write_atomically(plots / "training_loss.png", lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-            plt.close(fig)
+            curves = {stage: {m["step"]: m["loss"] for m in read_jsonl(path)} for stage, path in runs.items()}
+            fig, _ = plots.lines(curves, figsize=(7, 3.5), xlabel="step", ylabel="training loss", logy=True)
+            plots.save(fig, out / "training_loss.png")
 
 
 def _score_grid(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:

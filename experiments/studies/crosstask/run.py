@@ -9,7 +9,8 @@ tasks' SmolLM2 activations (`jaxlm.eval.activations.task_vectors`: mean over the
 inputs of each task of the mean-pooled hidden states). Declared before looking at the results, the
 primary measure is the middle layer, inputs alone, centered cosine (the mean of all tasks' vectors
 subtracted: raw mean-pooled cosines all sit near 1); the others are reported beside it.
-Writes W/analysis.json, W/analysis.md and PNGs (dpi 100) to --plots_dir.
+Writes W/analysis.json, W/analysis.md and PNGs (`jaxlm.eval.plots`, dpi 100) to --plots_dir; a
+(method, target) pair without a result is a gap in the bar chart and left out of its mean.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.jsonl import read_jsonl
+from jaxlm.eval import plots
 from jaxlm.files import write_atomically
+from jaxlm.jsonl import ResultsLog
 
 METHODS = [("zero_shot", "zero-shot (def)"), ("crosstask:mean", "cross-task 1-shot, mean of sources"),
            ("crosstask:best", "cross-task 1-shot, best source (oracle)"), ("crosstask", "cross-task, vote of sources"),
@@ -50,7 +52,7 @@ def main() -> None:
     ap.add_argument("--layers", default="15,30", help="1-based block counts; the first is the primary one")
     args = ap.parse_args()
     workdir = Path(args.workdir)
-    rows = list({r["cell"]: r for r in read_jsonl(workdir / "results.jsonl")}.values())
+    rows = list(ResultsLog(workdir / "results.jsonl", key=lambda r: r["cell"]).latest().values())
     scores = method_scores(rows)
     zero = scores["zero_shot"]
     targets = sorted(zero)
@@ -151,53 +153,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_methods(scores: dict, targets: list[str], path: Path) -> None:
-    plt = _pyplot()
     methods = [(k, lab) for k, lab in METHODS if k in scores]
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    x = np.arange(len(targets) + 1)
-    width = 0.8 / len(methods)
-    for i, (key, label) in enumerate(methods):
-        vals = [scores[key].get(t, 0.0) for t in targets]
-        ax.bar(x + (i - len(methods) / 2 + 0.5) * width, vals + [float(np.mean(vals))], width, label=label)
-    ax.set_xticks(x)
-    ax.set_xticklabels([t.replace("_", "\n") for t in targets] + ["mean"], fontsize=7)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 135)  # room for the legend above the bars
-    ax.set_title("SmolLM2-135M-Instruct, BIG-bench multiple choice (8 instances per task)")
-    ax.legend(fontsize=6.5, ncol=3, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-    plt.close(fig)
+    fig, _ = plots.grouped_bars(
+        {(key, t): v for key, _ in methods for t, v in scores[key].items()}, [k for k, _ in methods], targets,
+        labels=dict(methods), mean="mean", group_labels=[t.replace("_", "\n") for t in targets] + ["mean"],
+        figsize=(10, 4.2), ylabel="accuracy (%)", ylim=(0, 135),  # room for the legend above the bars
+        title="SmolLM2-135M-Instruct, BIG-bench multiple choice (8 instances per task)",
+        tick_kw={"fontsize": 7}, legend_kw={"fontsize": 6.5, "ncol": 3, "loc": "upper left"})
+    plots.save(fig, path)
 
 
 def plot_scatter(result: dict, path: Path) -> None:
-    plt = _pyplot()
     m = result["primary"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    targets = result["targets"]
-    for t in targets:
-        pts = [(p["similarity"], p["gain"]) for p in result["pairs"] if p["target"] == t]
-        if pts:
-            ax.scatter(*zip(*pts), s=18, label=t)
-    ax.axhline(0, color="grey", lw=0.7)
-    ax.set_xlabel(f"activation cosine (layer {m['layer']}, {m['text']}, {'centered' if m['centered'] else 'raw'})")
-    ax.set_ylabel("gain of 1-shot source over zero-shot (acc. points)")
-    ax.set_title(f"Pearson {m['pearson']:+.2f}, Spearman {m['spearman']:+.2f}, n={m['num_pairs']} pairs", fontsize=9)
-    ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-    plt.close(fig)
+    fig, _ = plots.scatter(
+        {t: [(p["similarity"], p["gain"]) for p in result["pairs"] if p["target"] == t] for t in result["targets"]},
+        hline=0, xlabel=f"activation cosine (layer {m['layer']}, {m['text']}, {'centered' if m['centered'] else 'raw'})",
+        ylabel="gain of 1-shot source over zero-shot (acc. points)", title_size=9,
+        title=f"Pearson {m['pearson']:+.2f}, Spearman {m['spearman']:+.2f}, n={m['num_pairs']} pairs",
+        legend_kw={"fontsize": 6, "loc": "best"})
+    plots.save(fig, path)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,17 @@ of distinct training rules, at a fixed total number of training examples and a f
 
 Every (N, frequency) point trains experiments/studies/diversity/diversity.gin from scratch (through
 `run_gin_files`, as `jaxlm train` does) with RewriteConfig.num_rules = N and examples_per_rule =
-TOTAL_EXAMPLES // N, exports the model to WORK/<point>/hf, and scores it with the rule in context
-(`jaxlm.eval.rewrite.evaluate_method(..., "in_context")`) on
+TOTAL_EXAMPLES // N, exports the model to WORK/<point>/hf (the objective's `export`), and scores it
+with the rule in context (`jaxlm.eval.rewrite.evaluate_method(..., "in_context")`) on
   unseen  the held-out rules (never trained on), and
   seen    100 training rules spread evenly over frequency rank, on inputs z drawn afresh (another random
           stream: mostly new strings, though a short z can repeat a training row when N is small);
           "seen_head" / "seen_tail" split them at the median rank (differs only under power_law).
-One JSON line per point is appended to WORK/results.jsonl as it finishes; finished points are skipped
-(the gin file checkpoints only at the end, so an interrupted point retrains from scratch). The plot (unseen EM vs N, log x,
-uniform vs power law; seen EM dashed) is redrawn from every line of results.jsonl after each point, and
-a markdown table goes to WORK/table.md (`--plot_only` redraws both without training).
+One JSON line per point is appended to WORK/results.jsonl as it finishes (`jaxlm.jsonl.ResultsLog`);
+finished points are skipped (the gin file checkpoints only at the end, so an interrupted point retrains
+from scratch). The plot (`jaxlm.eval.plots.lines`: unseen EM vs N, log x, uniform vs power law; seen EM
+dashed) is redrawn from every line of results.jsonl after each point, and a markdown table goes to
+WORK/table.md (`--plot_only` redraws both without training).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def evaluate(pretrained: Any, config: Any, workdir: Path) -> dict[str, Any]:
     from jaxlm.eval.engine import Engine
     from jaxlm.eval.rewrite import evaluate_method
     from jaxlm.files import write_atomically
+    from jaxlm.jsonl import json_line
 
     engine = Engine(pretrained, batch_size=64)
     row: dict[str, Any] = {}
@@ -80,7 +82,7 @@ def evaluate(pretrained: Any, config: Any, workdir: Path) -> dict[str, Any]:
                 hits = [p["correct"] for p, h in zip(scores.predictions, head) if h == want]
                 row[f"seen_{half}_em"] = round(100.0 * sum(hits) / max(len(hits), 1), 2)
         write_atomically(workdir / f"predictions_{part}.jsonl",
-                         lambda f, p=scores.predictions: f.write("".join(json.dumps(r) + "\n" for r in p)))
+                         lambda f, p=scores.predictions: f.write("".join(json_line(r, ensure_ascii=True) for r in p)))
     return row
 
 
@@ -104,7 +106,7 @@ def run_point(work: Path, num_rules: int, frequency: str, seed: int, extra: list
     it) and score it: the results.jsonl row."""
     import gin
 
-    from jaxlm.checkpoints.pretrained import Pretrained, export_hf
+    from jaxlm.checkpoints.pretrained import Pretrained
     from jaxlm.data.string_rewrite import RewriteConfig
     from jaxlm.models.llama import LlamaConfig
     from jaxlm.experiment.gin_config import run_gin_files
@@ -119,7 +121,7 @@ def run_point(work: Path, num_rules: int, frequency: str, seed: int, extra: list
     train_s = time.perf_counter() - start
     config = gin.get_configurable(RewriteConfig)()
     pretrained = Pretrained("llama", gin.get_configurable(LlamaConfig)(), out["state"].params, None, name)
-    export_hf(pretrained, work / name / "hf", params=out["state"].params)
+    gin.get_bindings("train")["objective"].export(work / name / "hf", out["state"].params, out["frozen"])
     start = time.perf_counter()
     row = {"point": name, "num_rules": num_rules, "frequency": frequency, "seed": seed, "examples_per_rule": per_rule,
            "total_examples": per_rule * num_rules, "steps": int(gin.query_parameter("%NUM_STEPS")),
@@ -133,36 +135,24 @@ def run_point(work: Path, num_rules: int, frequency: str, seed: int, extra: list
 def plot(rows: list[dict[str, Any]], paths: list[Path]) -> None:
     """Unseen-rule EM vs N (log x), one line per frequency law through the mean over seeds (each seed a
     dot); seen-rule EM dashed."""
-    import matplotlib
+    from jaxlm.eval import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from jaxlm.files import write_atomically
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, dict[int, list[float]]] = {}
+    styles: dict[str, dict[str, Any]] = {}
     for frequency, color in (("uniform", "tab:blue"), ("power_law", "tab:red")):
         mine = [r for r in rows if r["frequency"] == frequency]
-        if not mine:
-            continue
-        n = sorted({r["num_rules"] for r in mine})
-        for key, style, alpha, what in (("unseen_em", "o-", 1.0, "unseen rules"), ("seen_em", "s--", 0.5, "seen rules (fresh z)")):
-            mean = [sum(r[key] for r in mine if r["num_rules"] == k) / sum(r["num_rules"] == k for r in mine) for k in n]
-            ax.plot(n, mean, style, color=color, alpha=alpha, label=f"{frequency}: {what}")
-            ax.scatter([r["num_rules"] for r in mine], [r[key] for r in mine], s=10, color=color, alpha=alpha * 0.6)
-    ax.set_xscale("log")
-    ax.set_xlabel("distinct training rules N (fixed total examples)")
-    ax.set_ylabel("exact match, rule in context (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        for key, fmt, alpha, what in (("unseen_em", "o-", 1.0, "unseen rules"), ("seen_em", "s--", 0.5, "seen rules (fresh z)")):
+            name = f"{frequency}: {what}"
+            for r in mine:
+                series.setdefault(name, {}).setdefault(r["num_rules"], []).append(r[key])
+            styles[name] = {"fmt": fmt, "color": color, "alpha": alpha}
     budgets = sorted({(r["total_examples"], r["steps"]) for r in rows})
-    ax.set_title("Instruction diversity, string rewrites from scratch ("
-                 + ", ".join(f"{t} examples, {s} steps" for t, s in budgets) + ")", fontsize=9)
-    fig.tight_layout()
-    for path in paths:
-        write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-    plt.close(fig)
+    fig, _ = plots.lines(series, styles=styles, figsize=(6, 4), logx=True, ylim=(-2, 102), grid=True,
+                         xlabel="distinct training rules N (fixed total examples)",
+                         ylabel="exact match, rule in context (%)", legend_kw={"fontsize": 8}, title_size=9,
+                         title="Instruction diversity, string rewrites from scratch ("
+                         + ", ".join(f"{t} examples, {s} steps" for t, s in budgets) + ")")
+    plots.save(fig, *paths)
 
 
 def table(rows: list[dict[str, Any]], work: Path) -> str:
@@ -189,7 +179,7 @@ def table(rows: list[dict[str, Any]], work: Path) -> str:
 
 
 def main() -> None:
-    from jaxlm.jsonl import JsonlWriter, read_jsonl
+    from jaxlm.jsonl import ResultsLog
     from jaxlm.files import write_atomically
 
     os.chdir(REPO)
@@ -203,22 +193,20 @@ def main() -> None:
     p.add_argument("--plot_only", action="store_true", help="redraw the plot from WORKDIR/results.jsonl")
     args = p.parse_args()
     work = Path(args.workdir).resolve()
-    results = work / "results.jsonl"
+    results = ResultsLog(work / "results.jsonl", key=lambda r: r["point"])
     paths = [Path(args.plot), work / "diversity.png"]
     if not args.plot_only:
         total = total_examples(args.binding)
         for frequency in args.frequency.split(","):
             for num_rules, seed in itertools.product((int(n) for n in args.num_rules.split(",")),
                                                      (int(s) for s in args.seeds.split(","))):
-                done = {r["point"] for r in read_jsonl(results)} if results.is_file() else set()
-                if point_name(num_rules, frequency, seed) in done:
+                if point_name(num_rules, frequency, seed) in results.done_keys():
                     continue
                 row = run_point(work, num_rules, frequency, seed, args.binding, total)
-                with JsonlWriter(results, append=True) as out:
-                    out.write_all([row])
+                results.append([row])
                 print(json.dumps(row), flush=True)
-                plot(list(read_jsonl(results)), paths)
-    rows = list(read_jsonl(results))
+                plot(results.rows(), paths)
+    rows = results.rows()
     plot(rows, paths)
     text = table(rows, work)
     write_atomically(work / "table.md", lambda f: f.write(text))

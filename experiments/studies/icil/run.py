@@ -4,7 +4,7 @@ The sweep's own summary.md averages seeds together; this table keeps them apart 
 fixed ICIL prompt). Run after the sweep:
     jaxlm eval --gin_file=experiments/studies/icil/icil.gin --workdir W
     python experiments/studies/icil/run.py --workdir W [--plot docs/plots/icil_rougeL_by_category.png]
-Writes W/icil_table.md and the plot (dpi 100).
+Writes W/icil_table.md and the plot (`jaxlm.eval.plots.grouped_bars`, dpi 100).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.jsonl import read_jsonl
+from jaxlm.eval import plots
 from jaxlm.files import write_atomically
+from jaxlm.jsonl import ResultsLog
 
 ALL = "all tasks"
 
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--plot", default="docs/plots/icil_rougeL_by_category.png")
     args = ap.parse_args()
     workdir = Path(args.workdir)
-    rows = list({r["cell"]: r for r in read_jsonl(workdir / "results.jsonl")}.values())
+    rows = list(ResultsLog(workdir / "results.jsonl", key=lambda r: r["cell"]).latest().values())
     # Only tasks with both methods: a workdir reused with a smaller task list keeps the old cells.
     icil_tasks = {r["task"] for r in rows if r["method"] == "icil"}
     rows = [r for r in rows if r["task"] in icil_tasks]
@@ -67,27 +68,15 @@ def main() -> None:
     write_atomically(workdir / "icil_table.md", lambda f: f.write(text))
     print(text)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    x = np.arange(len(groups))
-    ax.bar(x - 0.2, [stats[g][0] for g in groups], 0.4, label="zero-shot (def)")
-    ax.bar(x + 0.2, [stats[g][1] for g in groups], 0.4, yerr=[stats[g][2] for g in groups], capsize=3,
-           label=f"ICIL (K = {k_used[0] if len(k_used) == 1 else k_used}), mean +- std over {len(seeds)} seeds")
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{g}\n({len(ntasks[g])})" for g in groups], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(f"{args.metric} (x100)")
-    ax.set_title("SmolLM2-135M-Instruct: ROUGE-L per category (Super-NI test tasks on disk + NI v1), 8 instances/task",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(args.plot)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-    plt.close(fig)
+    fig, _ = plots.grouped_bars(
+        {**{("def", g): stats[g][0] for g in groups}, **{("icil", g): stats[g][1] for g in groups}},
+        ["def", "icil"], groups, errors={("icil", g): stats[g][2] for g in groups},
+        labels={"def": "zero-shot (def)",
+                "icil": f"ICIL (K = {k_used[0] if len(k_used) == 1 else k_used}), mean +- std over {len(seeds)} seeds"},
+        group_labels=[f"{g}\n({len(ntasks[g])})" for g in groups], figsize=(10, 4.2), ylabel=f"{args.metric} (x100)",
+        title="SmolLM2-135M-Instruct: ROUGE-L per category (Super-NI test tasks on disk + NI v1), 8 instances/task",
+        title_size=9, tick_kw={"rotation": 30, "ha": "right", "fontsize": 7}, legend_kw={"fontsize": 8})
+    plots.save(fig, args.plot)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@ Conditions, one gin file each in this folder (all include lora.gin: same model, 
   topk_minilm   the TOP_K training tasks whose definitions are most similar to the target's
                 (all-MiniLM-L6-v2 cosine, `jaxlm.data.selection.select_top_k`), one run per target
   topk_aligned  the same with the aligned encoder (MiniLM tuned on the training tasks' instruction
-                groups: `jaxlm align-encoder`, written once to WORK/aligned_encoder)
+                groups: `jaxlm.train.embedder_tuning.align_encoder`, as `jaxlm align-encoder`, written
+                once to WORK/aligned_encoder)
   random_k      TOP_K training tasks drawn with SELECTION_SEED (one run shared by every target)
   all_tasks     every training task on disk (one run shared by every target)
 and the untuned model. Every target is a Super-NI test task; its first --num_instances instances are
 answered greedily from the `def` prompt the runs train on and scored by ROUGE-L.
 
 Resumable: selections go to WORK/selections.json, each run to WORK/train/<condition>[/<target>]/ (its
-adapter, a PEFT dir, to .../adapter), each evaluation is one line of WORK/results.jsonl; rerunning
-skips what exists. WORK/summary.md holds the table and --plot the PNG.
+adapter, a PEFT dir, to .../adapter), each evaluation is one line of WORK/results.jsonl
+(`jaxlm.jsonl.ResultsLog`); rerunning skips what exists. WORK/summary.md holds the table and --plot
+the PNG (`jaxlm.eval.plots.grouped_bars`; a missing (target, condition) result is a gap).
 A condition's gin file defines its selection by macros (INSTA_SELECTION: top_k | random | all,
 INSTA_ENCODER: pretrained | aligned, TOP_K, SELECTION_SEED); a new condition is a new gin file.
 """
@@ -65,16 +67,17 @@ def condition_macros(condition: str) -> dict:
 
 
 def aligned_encoder(work: Path, data_dir: str, macros: dict) -> Path:
-    """WORK/aligned_encoder: `jaxlm align-encoder` with the condition's ALIGN_* macros (tuned once)."""
-    from jaxlm.data.selection import align_encoder_command
+    """WORK/aligned_encoder: `align_encoder` (what `jaxlm align-encoder` runs) with the condition's
+    ALIGN_* macros (tuned once)."""
+    from jaxlm.train.embedder_tuning import align_encoder
 
     out = work / "aligned_encoder"
     if not (out / "model.safetensors").is_file():
         t = time.time()
-        align_encoder_command(argparse.Namespace(
-            data_dir=data_dir, source="superni", split="default", output_dir=str(out), group_by=macros["ALIGN_GROUP_BY"],
-            steps=macros["ALIGN_STEPS"], batch_size=macros["ALIGN_BATCH_SIZE"], learning_rate=2e-5, temperature=0.05, seed=0, max_length=64))
-        log(f"aligned encoder tuned in {time.time() - t:.0f}s")
+        summary = align_encoder(data_dir, out, source="superni", split="default", group_by=macros["ALIGN_GROUP_BY"],
+                                steps=macros["ALIGN_STEPS"], batch_size=macros["ALIGN_BATCH_SIZE"], learning_rate=2e-5,
+                                temperature=0.05, seed=0, max_length=64)
+        log(f"aligned encoder tuned in {time.time() - t:.0f}s: {json.dumps(summary)}")
     return out
 
 
@@ -155,12 +158,12 @@ def evaluate(work: Path, sel: dict, targets: list[str], conditions: list[str], d
     from jaxlm.data.prompts import format_prompt
     from jaxlm.data.sources import load_tasks
     from jaxlm.eval.engine import Engine
-    from jaxlm.jsonl import JsonlWriter, read_jsonl
+    from jaxlm.jsonl import ResultsLog
     from jaxlm.eval.methods import EvalContext
     from jaxlm.eval.sweep import cell_metrics
 
-    path = work / "results.jsonl"
-    done = {(r["target"], r["condition"]) for r in read_jsonl(path)} if path.is_file() else set()
+    results = ResultsLog(work / "results.jsonl", key=lambda r: (r["target"], r["condition"]))
+    done = results.done_keys()
     todo = [(t, c) for t in targets for c in ("untuned",) + tuple(conditions) if (t, c) not in done]
     todo = [(t, c) for t, c in todo if c == "untuned" or
             (run_dir(work, c, SHARED if SHARED in sel[c] else t) / "adapter" / "adapter_config.json").is_file()]
@@ -169,18 +172,17 @@ def evaluate(work: Path, sel: dict, targets: list[str], conditions: list[str], d
         ctx = EvalContext(Engine(pretrained, batch_size=num_instances), pretrained.tokenizer, lambda *a, **k: {},
                           max_source_length=256, max_new_tokens=max_new_tokens)
         tests = load_tasks("superni", data_dir, part="test", names=targets)
-        with JsonlWriter(path, append=True) as out:
-            for target, cond in todo:
-                task, t = tests[target], time.time()
-                insts = task.instances[:num_instances]
-                lora = None if cond == "untuned" else load_peft_adapter(
-                    run_dir(work, cond, SHARED if SHARED in sel[cond] else target) / "adapter", pretrained)
-                records = ctx.answer(task, insts, [format_prompt(task, i, "def") for i in insts], lora=lora)
-                row = {"target": target, "condition": cond, "metrics": cell_metrics(records, task),
-                       "predictions": [r["prediction"] for r in records], "seconds": round(time.time() - t, 1)}
-                out.write_all([row])
-                log(f"eval {target} {cond}: ROUGE-L {row['metrics']['rougeL']:.1f} ({row['seconds']}s)")
-    return list(read_jsonl(path)) if path.is_file() else []
+        for target, cond in todo:
+            task, t = tests[target], time.time()
+            insts = task.instances[:num_instances]
+            lora = None if cond == "untuned" else load_peft_adapter(
+                run_dir(work, cond, SHARED if SHARED in sel[cond] else target) / "adapter", pretrained)
+            records = ctx.answer(task, insts, [format_prompt(task, i, "def") for i in insts], lora=lora)
+            row = {"target": target, "condition": cond, "metrics": cell_metrics(records, task),
+                   "predictions": [r["prediction"] for r in records], "seconds": round(time.time() - t, 1)}
+            results.append([row])
+            log(f"eval {target} {cond}: ROUGE-L {row['metrics']['rougeL']:.1f} ({row['seconds']}s)")
+    return results.rows()
 
 
 def report(work: Path, rows: list[dict], sel: dict, targets: list[str], conditions: list[str], plot: Path | None) -> str:
@@ -206,27 +208,14 @@ def report(work: Path, rows: list[dict], sel: dict, targets: list[str], conditio
     text = "\n".join(lines) + "\n"
     write_atomically(work / "summary.md", lambda f: f.write(text))
     if plot is not None and shown:
-        import matplotlib
+        from jaxlm.eval import plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-        fig, ax = plt.subplots(figsize=(8, 3.6))
-        width = 0.8 / len(cols)
-        x = np.arange(len(shown) + 1)
-        for i, c in enumerate(cols):
-            vals = [score.get((t, c), np.nan) for t in shown] + [np.nanmean([score.get((t, c), np.nan) for t in shown])]
-            ax.bar(x + (i - (len(cols) - 1) / 2) * width, vals, width, label=c)
-        ax.set_xticks(x, [t.split("_")[0] for t in shown] + ["mean"])
-        ax.set_ylabel("ROUGE-L")
-        ax.set_ylim(0, 1.3 * max(score.values()))  # room for the legend above the bars
-        ax.set_title("INSTA on SmolLM2-135M-Instruct (LoRA, same step budget)")
-        ax.legend(fontsize=8, ncol=len(cols))
-        fig.tight_layout()
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(plot, dpi=100)
-        plt.close(fig)
+        fig, _ = plots.grouped_bars(
+            {(c, t): v for (t, c), v in score.items()}, cols, shown, mean="mean",
+            group_labels=[t.split("_")[0] for t in shown] + ["mean"], figsize=(8, 3.6), ylabel="ROUGE-L",
+            ylim=(0, 1.3 * max(score.values())),  # room for the legend above the bars
+            title="INSTA on SmolLM2-135M-Instruct (LoRA, same step budget)", legend_kw={"fontsize": 8, "ncol": len(cols)})
+        plots.save(fig, plot)
     return text
 
 

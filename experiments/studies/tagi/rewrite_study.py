@@ -2,14 +2,17 @@
 
   python experiments/studies/tagi/rewrite_study.py --workdir runs/tagi_rewrite [--phases base,teachers,tagi,eval,report]
 
-Phases (each skipped when its output exists):
-  base      CausalLM from scratch on "x|y|z=" rows (experiments/tagi/rewrite_base.gin) -> WORK/base_hf
+Phases (base, teachers and tagi skipped when their output exists):
+  base      CausalLM from scratch on "x|y|z=" rows (experiments/tagi/rewrite_base.gin), exported by the
+            objective's `export` -> WORK/base_hf
   teachers  LoRA teachers on "z=" rows: the first 100 training rules (for L_ins) and every held-out
             rule (the oracle (c), trained on the held-out rules' own instances)
   tagi      stage1 + stage2 (experiments/tagi/rewrite_tagi.gin, plus --tagi-binding), then each
             ablation's stage 2
   eval      exact match on the held-out rules of (a) "z=" alone, (b) "x|y|z=", (c) the rule's LoRA
-            teacher on "z=", (d) the hypernetwork's adapter for "x|y" on "z=" (and each ablation)
+            teacher on "z=", (d) the hypernetwork's adapter for "x|y" on "z=" (and each ablation), by
+            `jaxlm.eval.rewrite.RewriteEval`; one line per eval appended to WORK/results.jsonl
+  report    the last eval line as a markdown table and WORK/plots/tagi_rewrite.png
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[3]
 ABLATIONS = {  # name -> (extra gin file, stages)
@@ -40,18 +44,12 @@ def run_gin(files: list[str], bindings: list[str], workdir: Path) -> dict:
 
 
 def phase_base(work: Path) -> None:
-    from jaxlm.checkpoints.pretrained import Pretrained, export_hf
+    import gin
 
     if (work / "base_hf" / "config.json").is_file():
         return
     out = run_gin(["experiments/tagi/rewrite_base.gin"], [], work / "base")
-    import gin
-
-    from jaxlm.models.llama import LlamaConfig
-
-    config = gin.get_configurable(LlamaConfig)()
-    export_hf(Pretrained("llama", config, None, None, "rewrite-base"), work / "base_hf",
-              params=out["state"].params)
+    gin.get_bindings("train")["objective"].export(work / "base_hf", out["state"].params, out["frozen"])
 
 
 def phase_teachers(work: Path) -> None:
@@ -80,39 +78,36 @@ def phase_tagi(work: Path, names: list[str], extra_bindings: tuple[str, ...] | l
 
 
 def phase_eval(work: Path, names: list[str]) -> None:
-    """(a)-(d) on the held-out rules with `jaxlm.eval.rewrite.evaluate_method` (one batched engine call
-    per method, adapters gathered per row), plus (b) on 20 seen rules (is the base any good at all?)."""
+    """(a)-(d) on the held-out rules with `jaxlm.eval.rewrite.RewriteEval` (one batched engine call per
+    method, adapters gathered per row; teacher i / the hypernetwork's adapter for rule i), plus (b) on
+    20 seen rules (is the base any good at all?). One line of em_<run> / nll_<run> to results.jsonl."""
     import gin
 
-    import jaxlm
-    from jaxlm.checkpoints.hypernet import load_hypernet
-    from jaxlm.data.string_rewrite import RewriteConfig, rewrite_tasks, rule_text
-    from jaxlm.eval.engine import Engine
-    from jaxlm.eval.rewrite import evaluate_method
+    from jaxlm.data.string_rewrite import RewriteConfig, rewrite_tasks
+    from jaxlm.eval.rewrite import RewriteEval, evaluate_method
     from jaxlm.experiment.gin_config import parse_config
-    from jaxlm.checkpoints.teachers import load_teachers
+    from jaxlm.jsonl import ResultsLog
 
     parse_config(["experiments/tagi/rewrite_model.gin"])
     config = gin.get_configurable(RewriteConfig)()
-    heldout = rewrite_tasks(config, part="test")
-    base = jaxlm.load_pretrained(work / "base_hf")
-    engine = Engine(base, batch_size=64)
-    names_t, teachers = load_teachers(work / "teachers_heldout" / "teachers", base)
-    assert names_t == [f"task_{i}" for i in range(len(heldout))], names_t
-    runs = {"a_no_instruction": ("no_instruction", None), "b_in_context": ("in_context", None),
-            "c_teacher": ("teacher", teachers)}
-    rules = [rule_text(t.metadata["x"], t.metadata["y"]) for t in heldout]
-    runs.update({f"d_hypernet_{n}": ("hypernet", load_hypernet(work / n).adapters(rules))
+    common: dict[str, Any] = {"rules": config, "base": str(work / "base_hf"), "batch_size": 64, "buckets": None,
+                              "max_new_tokens": 20}
+    evaluator = RewriteEval(**common, methods=("no_instruction", "in_context", "teacher"),
+                            teachers=str(work / "teachers_heldout" / "teachers"))
+    heldout = evaluator.heldout_tasks()
+    engine = evaluator.load_engine()
+    runs = {"a_no_instruction": (evaluator, "no_instruction"), "b_in_context": (evaluator, "in_context"),
+            "c_teacher": (evaluator, "teacher")}
+    runs.update({f"d_hypernet_{n}": (RewriteEval(**common, methods=("hypernet",), hypernet=str(work / n)), "hypernet")
                  for n in names if (work / n / "stage2" / "hypernet").is_dir()})
     result: dict = {}
-    for key, (method, lora) in runs.items():
-        scores = evaluate_method(engine, heldout, method, lora=lora, max_new_tokens=20)
+    for key, (ev, method) in runs.items():
+        scores = ev.score(engine, heldout, method)
         result[f"em_{key}"], result[f"nll_{key}"] = round(scores.exact_match, 2), round(scores.target_nll, 4)
     result["heldout_rules"], result["examples"] = len(heldout), sum(len(t.instances) for t in heldout)
     seen = [dataclasses.replace(t, instances=t.instances[:8]) for t in rewrite_tasks(config, part="train")[:20]]
     result["train_rule_em_b_in_context"] = round(evaluate_method(engine, seen, "in_context").exact_match, 2)
-    with open(work / "results.jsonl", "a") as f:
-        f.write(json.dumps(result) + "\n")
+    ResultsLog(work / "results.jsonl", ensure_ascii=True).append([result])
     print(json.dumps(result, indent=1))
 
 
@@ -124,23 +119,18 @@ LABELS = {"a_no_instruction": "(a) no instruction", "b_in_context": "(b) rule in
 
 def phase_report(work: Path) -> None:
     """The last eval line as a markdown table and a bar plot (WORK/plots/tagi_rewrite.png)."""
-    import matplotlib
+    from jaxlm.eval import plots
+    from jaxlm.jsonl import ResultsLog
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    last = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines() if line.strip()][-1]
+    last = ResultsLog(work / "results.jsonl").rows()[-1]
     keys = [k for k in LABELS if f"em_{k}" in last]
     print("| method | EM % | NLL / target token |\n|---|---|---|")
     for k in keys:
         print(f"| {LABELS[k]} | {last[f'em_{k}']:.2f} | {last[f'nll_{k}']:.3f} |")
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.barh([LABELS[k] for k in keys][::-1], [last[f"em_{k}"] for k in keys][::-1], color="tab:blue")
-    ax.set_xlabel(f"exact match on {last['heldout_rules']} unseen rules (%)")
-    ax.set_title("TAGI on string rewrites: methods and ablations")
-    fig.tight_layout()
-    (work / "plots").mkdir(exist_ok=True)
-    fig.savefig(work / "plots" / "tagi_rewrite.png", dpi=100)
+    fig, _ = plots.hbars([LABELS[k] for k in keys], [last[f"em_{k}"] for k in keys],
+                         xlabel=f"exact match on {last['heldout_rules']} unseen rules (%)",
+                         title="TAGI on string rewrites: methods and ablations")
+    plots.save(fig, work / "plots" / "tagi_rewrite.png")
 
 
 def main() -> None:

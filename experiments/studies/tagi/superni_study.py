@@ -10,7 +10,8 @@ A few-step CPU version of experiments/tagi/smollm2_superni.gin (budgets below ar
   eval      greedy (stop at a blank line) on the first N instances of each test task:
             (a) Tk query alone, (b) def_pos2 prompt, (c) the task's LoRA teacher + query,
             (d) the hypernetwork's adapter for the task's instruction + query; Super-NI ROUGE-L
-            (jaxlm.eval.metrics, default track) and exact match.
+            (jaxlm.eval.metrics, default track) and exact match; one line per (task, method) appended
+            to WORK/results.jsonl (`jaxlm.jsonl.ResultsLog`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def phase_eval(work: Path, n_eval: int, max_new_tokens: int) -> None:
     from jaxlm.data.tagi_data import instruction_for
     from jaxlm.eval.engine import Engine
     from jaxlm.eval.metrics import compute_metrics
+    from jaxlm.jsonl import ResultsLog
     from jaxlm.models import lora as lora_lib
     from jaxlm.checkpoints.teachers import load_teachers
 
@@ -95,8 +97,7 @@ def phase_eval(work: Path, n_eval: int, max_new_tokens: int) -> None:
             m = compute_metrics(preds, refs)
             rows.append({"task": name, "method": method, **m, "example": preds[0][:80]})
             print(json.dumps(rows[-1]), flush=True)
-    with open(work / "results.jsonl", "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    ResultsLog(work / "results.jsonl", ensure_ascii=True).append(rows)
     summary: dict[str, list[float]] = {}
     for r in rows:
         summary.setdefault(r["method"], []).append(r.get("rougeL", r.get("rouge_l", float("nan"))))
