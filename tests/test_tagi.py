@@ -39,14 +39,15 @@ def test_grouped_batches_layout_and_exact_resume():
     tasks = {t.name: t for t in td.rewrite_tagi_tasks(RULES)}
     names = it.batch_tasks({**it.state(), "step": 0, "task_draws": 0, "counters": [0] * len(tasks)})
     assert len(set(names)) == 4  # G distinct tasks within a task epoch
+    decode = text_codec("bytes").decode
     for g, name in enumerate(names):
         x = tasks[name].instruction.tolist()
         n = int(b["instruction_mask"][g].sum())
         assert b["instruction_tokens"][g, :n].tolist() == x
         for row in np.flatnonzero(b["task_index"] == g):
-            student = td._byte_decode(b["decoder_input_tokens"][row][b["decoder_segment_ids"][row] > 0])
-            teacher = td._byte_decode(b["teacher_decoder_input_tokens"][row][b["teacher_decoder_segment_ids"][row] > 0])
-            rule = td._byte_decode(x)
+            student = decode(b["decoder_input_tokens"][row][b["decoder_segment_ids"][row] > 0])
+            teacher = decode(b["teacher_decoder_input_tokens"][row][b["teacher_decoder_segment_ids"][row] > 0])
+            rule = decode(x)
             assert teacher == rule + "|" + student  # same example, instruction in context
             # both rows predict the same target tokens
             s_t = b["decoder_target_tokens"][row][b["decoder_loss_weights"][row] > 0]

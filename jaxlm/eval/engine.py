@@ -45,6 +45,14 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 @dataclasses.dataclass
 class ScoreResult:
+    """The score of one (input, target) example.
+
+    Attributes:
+      logprob: sum over target tokens of log p(token | input, earlier target tokens), natural log.
+      num_tokens: number of target tokens.
+      token_logprobs: the per-token natural-log probabilities, in target order.
+    """
+
     logprob: float
     num_tokens: int
     token_logprobs: list[float]
@@ -52,11 +60,26 @@ class ScoreResult:
 
 @dataclasses.dataclass
 class GenerateResult:
+    """One greedy continuation.
+
+    Attributes:
+      output_ids: the generated token ids, without padding or the EOS token (a stop sequence that
+        ended the generation is included).
+    """
+
     output_ids: list[int]
 
 
 def token_logprobs(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-    """log p(target) = logit[target] - logsumexp(logits), without a (B, L, V) log-softmax array."""
+    """log p(target) = logit[target] - logsumexp(logits), without a (B, L, V) log-softmax array.
+
+    Args:
+      logits_BxLxV: logits (B, L, V), any float dtype.
+      targets_BxL: integer target ids (B, L) in [0, V).
+
+    Returns:
+      float32 (B, L) natural-log probabilities.
+    """
     logits = logits_BxLxV.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
@@ -119,7 +142,15 @@ def _lora_signature(lora: LoraWeights | None, batched: bool) -> Any:
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """Text before the earliest stop string."""
+    """Text before the earliest stop string.
+
+    Args:
+      text: a decoded generation.
+      stops: stop strings (empty strings are ignored).
+
+    Returns:
+      `text` cut before the first occurrence of any stop string, or unchanged when none occurs.
+    """
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
     return text if cut < 0 else text[:cut]
 
@@ -130,6 +161,18 @@ def stop_token_sequences(tokenizer: Any, stop: str, max_sequences: int = 64) -> 
     The stop string's own encoding, every single token containing it, and two-token splits
     (token ending with a prefix of `stop`, token starting with the rest; shortest token texts first,
     up to `max_sequences` in all). Not exhaustive by design: callers still cut the text with `cut_at_stop`.
+
+    Decodes every vocabulary entry once per call (O(V) host work; `Engine.generate_text` caches the
+    result per stop string).
+
+    Args:
+      tokenizer: a `jaxlm.checkpoints.tokenizer.Tokenizer` (`encode`, `decode`, `vocab_size`).
+      stop: the stop string, e.g. "\\n\\n".
+      max_sequences: most sequences returned.
+
+    Returns:
+      Distinct token-id tuples (length 1 or 2, or the stop string's own encoding), in the order above;
+      [] for an empty `stop`.
     """
     if not stop:
         return []
@@ -154,6 +197,17 @@ class Engine:
 
     mesh: optional; batches are then split over its (data, fsdp) axes and params placed by the
     logical-axis rules of `jaxlm.sharding` (so `batch_size` must divide by data * fsdp).
+
+    Attributes:
+      pretrained: the model, its params and (optionally) tokenizer.
+      batch_size: rows per jitted call; every batch is filled up to it (one compiled batch shape).
+      buckets: padded lengths (see `jaxlm.buckets.bucket_length`).
+      mesh: a `jax.sharding.Mesh` with 'data' and 'fsdp' axes, or None for one device.
+      compiled_shapes: signatures used so far (see `num_compiles`).
+
+    Raises:
+      ValueError: at construction, when the family is not llama or t5, `batch_size` <= 0, or
+        `batch_size` is not a multiple of the mesh's data * fsdp size.
     """
 
     pretrained: Pretrained
@@ -245,7 +299,26 @@ class Engine:
         lora: LoraWeights | None = None,
         adapter_index: Sequence[int] | None = None,
     ) -> list[ScoreResult]:
-        """Sum of target-token log-probs given the input, per (input_ids, target_ids) example."""
+        """Sum of target-token log-probs given the input, per (input_ids, target_ids) example.
+
+        Decoder-only: the row is input + target and target token j is predicted at position
+        len(input) - 1 + j; an empty input is replaced by [BOS]. Encoder-decoder: the input goes to
+        the encoder (an empty one becomes [pad]) and the target is teacher-forced after the decoder
+        start token.
+
+        Args:
+          examples: (input_ids, target_ids) pairs of token-id sequences; targets must be non-empty.
+          lora: None, one adapter for every example, or a batched adapter (N leading) with `adapter_index`.
+          adapter_index: the adapter of each example, ints in [0, N), with a batched `lora` only.
+
+        Returns:
+          One `ScoreResult` per example, in order (natural-log probabilities).
+
+        Raises:
+          ValueError: an empty target; an empty input when a decoder-only model has no BOS token; a
+            batched `lora` without `adapter_index`, `adapter_index` without a batched `lora`, or an
+            `adapter_index` of the wrong length or out of range.
+        """
         for i, (_, target) in enumerate(examples):
             if not target:
                 raise ValueError(f"example {i}: empty target")
@@ -325,7 +398,22 @@ class Engine:
         """Per example, the log-prob of each of its answer options (sum, or per-token mean when
         `length_normalized`); the prediction is the argmax. Options may differ in number and length
         per example; all (input, option) pairs are flattened and scored once each, in shared batches
-        (decoder-only: input + option in one row)."""
+        (decoder-only: input + option in one row).
+
+        Args:
+          inputs: the input token ids of each example.
+          options: per example, its answer options as token-id sequences (each non-empty).
+          lora: as in `score`.
+          adapter_index: one adapter index per example (shared by its options), with a batched `lora`.
+          length_normalized: divide each option's sum by its number of tokens.
+
+        Returns:
+          Per example, a list of natural-log scores, one per option in the given order.
+
+        Raises:
+          ValueError: `inputs` and `options` differ in length, an example has no options,
+            `adapter_index` has the wrong length, or anything `score` rejects (e.g. an empty option).
+        """
         if len(inputs) != len(options):
             raise ValueError(f"{len(inputs)} inputs but {len(options)} option lists")
         pairs, owner = [], []
@@ -356,7 +444,24 @@ class Engine:
         lora: LoraWeights | None = None,
         adapter_index: Sequence[int] | None = None,
     ) -> list[GenerateResult]:
-        """Greedy continuations (EOS excluded; a stop sequence, if hit, included)."""
+        """Greedy continuations (EOS excluded; a stop sequence, if hit, included).
+
+        EOS ids come from the tokenizer (else `config.eos_token_ids`). Llama prompts are left-padded;
+        T5 inputs go to the encoder.
+
+        Args:
+          prompts: non-empty token-id sequences.
+          max_new_tokens: most tokens generated per prompt.
+          stop_sequences: token-id sequences that end a generation (empty ones are ignored).
+          lora: None, one adapter, or a batched adapter with `adapter_index`.
+          adapter_index: the adapter of each prompt, with a batched `lora` only.
+
+        Returns:
+          One `GenerateResult` per prompt, in order.
+
+        Raises:
+          ValueError: an empty prompt, or an adapter mismatch as in `score`.
+        """
         tok = self.pretrained.tokenizer
         eos = tuple(tok.eos_ids) if tok else tuple(getattr(self.pretrained.config, "eos_token_ids", ()))
         stops = tuple(dict.fromkeys(tuple(s) for s in stop_sequences if s))
@@ -391,7 +496,22 @@ class Engine:
     ) -> list[str]:
         """Greedy text continuations cut at the earliest stop string (e.g. "\\n\\n", a blank line).
 
-        Prompts are encoded with the tokenizer's special tokens (BOS when the model wants it)."""
+        Prompts are encoded with the tokenizer's special tokens (BOS when the model wants it).
+
+        Args:
+          prompts: prompt texts.
+          max_new_tokens: most tokens generated per prompt.
+          stop_strings: strings that end a generation (token-level early stop via
+            `stop_token_sequences`, then `cut_at_stop` on the text).
+          lora: None, one adapter, or a batched adapter with `adapter_index`.
+          adapter_index: the adapter of each prompt, with a batched `lora` only.
+
+        Returns:
+          One decoded string per prompt (special tokens skipped), cut before any stop string.
+
+        Raises:
+          ValueError: the model has no tokenizer, or anything `generate` rejects.
+        """
         tok = self.pretrained.tokenizer
         if tok is None:
             raise ValueError(f"{self.pretrained.source}: the model has no tokenizer; use generate() with token ids")

@@ -33,6 +33,24 @@ def greedy_loop(
     """Returns (tokens (B, max_new_tokens) padded with `pad_id`, lengths (B,)).
 
     `lengths` counts generated tokens before EOS (stop-sequence tokens included).
+
+    Greedy (argmax) decoding in one `lax.while_loop`, which ends after `max_new_tokens` steps or
+    once every example is done. `step` runs after every emitted token, the last one included.
+
+    Args:
+      first_logits_BxV: logits (B, V) of the first new token.
+      step: (token int32 (B,), step index t int32 scalar, state) -> (logits (B, V) of the next token,
+        new state); the state must keep its structure, shapes and dtypes (e.g. a KV cache).
+      state: the initial state handed to `step`.
+      max_new_tokens: most tokens generated per example.
+      eos_ids: ids that stop an example; the EOS token is not counted in `lengths`.
+      stop_sequences: token sequences that stop an example once its generated tokens end with one
+        (matched against generated tokens only; the sequence is kept).
+      pad_id: fills `tokens` at and after each example's length.
+
+    Returns:
+      (tokens int32 (B, max_new_tokens), lengths int32 (B,)); an example that hits neither EOS nor a
+      stop sequence has length `max_new_tokens`.
     """
     batch = first_logits_BxV.shape[0]
     prefix = max((len(s) for s in stop_sequences), default=0)
@@ -74,7 +92,14 @@ def greedy_loop(
 
 
 def last_real_index(mask_BxL: Array) -> Array:
-    """Index of the last real token per row; right and left padding alike."""
+    """Index of the last real token per row; right and left padding alike.
+
+    Args:
+      mask_BxL: (B, L) bool or 0/1, nonzero on real tokens.
+
+    Returns:
+      int32 (B,) indices in [0, L); a row with no real token gives L - 1.
+    """
     length = mask_BxL.shape[1]
     return length - 1 - jnp.argmax(mask_BxL[:, ::-1].astype(jnp.int32), axis=1)
 
@@ -138,7 +163,29 @@ def greedy_generate(
     pad_id: int = 0,
 ) -> tuple[Array, Array]:
     """Greedy continuation of padded prompts for a `Llama` (prompts left or right padded) or `T5`
-    module (inputs to the encoder). Returns (tokens (B, max_new_tokens), lengths (B,))."""
+    module (inputs to the encoder). Returns (tokens (B, max_new_tokens), lengths (B,)).
+
+    Jitted; `model`, `max_new_tokens`, `eos_ids`, `stop_sequences` and `pad_id` are static (hashable).
+    Llama: the prompts are prefilled into a cache of L + max_new_tokens slots; T5: the inputs are
+    encoded once and the decoder starts from `decoder_start_token_id` (cache of max_new_tokens + 1 slots).
+
+    Args:
+      model: a `Llama` or `T5` module.
+      params: its plain params.
+      input_ids: integer prompt (Llama) or encoder (T5) ids (B, L).
+      attention_mask: (B, L) bool or 0/1, True on real tokens.
+      lora: None, one adapter, or one per example (leaves (B, ...)).
+      max_new_tokens: most tokens generated per example.
+      eos_ids: ids that stop an example (not emitted).
+      stop_sequences: token sequences that stop an example (emitted).
+      pad_id: padding of the returned tokens.
+
+    Returns:
+      (tokens int32 (B, max_new_tokens) padded with `pad_id`, lengths int32 (B,)); see `greedy_loop`.
+
+    Raises:
+      ValueError: the model's `config.family` is neither "llama" nor "t5" (at trace time).
+    """
     family = model.config.family
     if family not in _STARTS:
         raise ValueError(f"greedy decoding needs a llama or t5 model, got {family!r}")

@@ -67,6 +67,21 @@ class HypernetConfig:
     fusion: join instruction states to a T5 encoder output (see `fused_logits`); `fusion_dim` is the
     base d_model, needed only when it differs from the instruction width.
     slot_queries: add a per-slot learned query table (zero at init) to layer + module embeddings.
+
+    Attributes:
+      lora: the generated adapter's targets, rank r and alpha.
+      width: W, the width of the slot queries and of the projected instruction.
+      depth: number of cross-attention blocks (>= 1).
+      num_heads: attention heads of each block (W must be a multiple).
+      mlp_ratio: MLP width as a multiple of W (>= 1).
+      encoder: see above.
+      fusion: see above.
+      fusion_dim: see above.
+      slot_queries: see above.
+
+    Raises:
+      ConfigError: at construction, when `lora` is not a LoraSpec, `encoder` is unknown, `width` is not
+        a positive multiple of `num_heads`, `depth` < 1 or `mlp_ratio` < 1.
     """
 
     lora: LoraSpec
@@ -100,6 +115,14 @@ class LoraSlot:
     a global layer index (stacks by name, then layer number: T5 decoder blocks, then encoder blocks;
     modules outside any layer, e.g. `lm_head`, get their own index after the layers), `axes` the
     kernel's logical axes.
+
+    Attributes:
+      path: keys of the module in the base param tree, e.g. ('layers_0', 'self_attn', 'q_proj').
+      module: module type shared across layers.
+      layer: global layer index (see above).
+      d_in: the kernel's input width.
+      d_out: the kernel's output width.
+      axes: the kernel's (in, out) logical axes; ('hyper_io', 'hyper_io') when the params were unboxed.
     """
 
     path: tuple[str, ...]
@@ -122,7 +145,18 @@ def _layer_key(path: tuple[str, ...]) -> tuple[tuple[str, ...], int, int]:
 def lora_slots(base_params: PyTree, spec: LoraSpec) -> tuple[LoraSlot, ...]:
     """Static description of every Dense that `spec` targets, in a canonical order (layers by number,
     not by the dict order of the tree). Works on concrete, abstract and boxed params; with boxed
-    params (from `model.init` / `abstract_params`) the slots carry the kernels' logical axes."""
+    params (from `model.init` / `abstract_params`) the slots carry the kernels' logical axes.
+
+    Args:
+      base_params: the base model's params (a top-level {'params': ...} wrapper is stripped).
+      spec: the adapter spec whose `targets` select the modules.
+
+    Returns:
+      A tuple of S `LoraSlot`s sorted by (layer, path).
+
+    Raises:
+      ConfigError: `spec.targets` match no module with a kernel.
+    """
     if isinstance(base_params, Mapping) and set(base_params.keys()) == {"params"}:
         base_params = base_params["params"]
     found = list(lora_lib.iter_targets(base_params, spec.targets))
@@ -173,7 +207,13 @@ def _dense(features: int, axes: tuple[str, str], name: str) -> Dense:
 
 
 class CrossBlock(nn.Module):
-    """Pre-norm block: queries += MHA(LN(queries), instruction); queries += MLP(LN(queries))."""
+    """Pre-norm block: queries += MHA(LN(queries), instruction); queries += MLP(LN(queries)).
+
+    Attributes:
+      width: W.
+      num_heads: attention heads (W must be a multiple).
+      mlp_ratio: MLP hidden width W * mlp_ratio (gelu).
+    """
 
     width: int
     num_heads: int
@@ -181,6 +221,16 @@ class CrossBlock(nn.Module):
 
     @nn.compact
     def __call__(self, q_NxSxW: Array, ctx_NxTxW: Array, bias: Array) -> Array:
+        """Refines the slot queries once.
+
+        Args:
+          q_NxSxW: slot queries (N, S, W).
+          ctx_NxTxW: projected instruction states (N, T, W).
+          bias: additive key-mask bias broadcastable to (N, heads, S, T), e.g. (N, 1, 1, T).
+
+        Returns:
+          float32 queries (N, S, W).
+        """
         n, s, w = q_NxSxW.shape
         t = ctx_NxTxW.shape[1]
         hd = w // self.num_heads
@@ -201,6 +251,10 @@ class HyperLoRA(nn.Module):
 
     The LoRA tree mirrors the base tree (the core's batched layout). With `with_fusion=True` returns
     (lora, instruction states for `fused_logits`, (N, T, fusion_dim or E)).
+
+    Attributes:
+      config: the hypernetwork config.
+      slots: the targeted modules, from `lora_slots` (S of them).
     """
 
     config: HypernetConfig
@@ -208,6 +262,21 @@ class HyperLoRA(nn.Module):
 
     @nn.compact
     def __call__(self, h_NxTxE: Array, mask_NxT: Array, *, with_fusion: bool = False):
+        """Generates one adapter per instruction.
+
+        Args:
+          h_NxTxE: instruction states (N, T, E), e.g. from `encode_instruction` (cast to float32).
+          mask_NxT: (N, T) bool or 0/1, True on instruction tokens.
+          with_fusion: also return the instruction states to fuse (needs `config.fusion`).
+
+        Returns:
+          LoraWeights with float32 leaves a (N, d_in, r) and b (N, r, d_out) at every slot's path, rank
+          and alpha from `config.lora`; with `with_fusion`, (that, float32 states (N, T, fusion_dim)
+          when `fusion_dim` is set and differs from E, else the input states (N, T, E)).
+
+        Raises:
+          ConfigError: `with_fusion=True` while `config.fusion` is False.
+        """
         c, slots = self.config, self.slots
         rank, width = c.lora.rank, c.width
         h_NxTxE = h_NxTxE.astype(jnp.float32)
@@ -270,6 +339,20 @@ def encode_instruction(kind: str, model: nn.Module, params: PyTree, ids_NxT: Arr
     kind "base": a T5 base -> its encoder output (`method=T5.encode`); a Llama base -> its final normed
     hidden states (`output='hidden'`). kind "minilm": a BERT model's last hidden states. Gradients
     flow into `params` iff the caller differentiates with respect to them (trainable encoder).
+
+    Args:
+      kind: "base" or "minilm" (`HypernetConfig.encoder`).
+      model: a `T5`, `Llama` or `Bert` module.
+      params: its params (boxed or plain; a top-level {'params': ...} wrapper is stripped).
+      ids_NxT: integer instruction token ids (N, T).
+      mask_NxT: (N, T) bool or 0/1, True on instruction tokens.
+
+    Returns:
+      float32 (N, T, E), E = d_model (T5) or hidden_size (Llama, BERT); padded positions hold values too.
+
+    Raises:
+      ConfigError: an unknown `kind`, kind "minilm" with a model that is not `Bert`, or a model of
+        another class.
     """
     from jaxlm.models.bert import Bert
     from jaxlm.models.llama import Llama
@@ -296,7 +379,23 @@ def fused_encoder_states(
     instruction_BxTxD: Array, instruction_mask_BxT: Array, *, lora: LoraWeights | None = None,
 ) -> tuple[Array, Array]:
     """T5 encoder output of the input (with `lora`) joined along length with the instruction states:
-    ((B, L + T, D), (B, L + T) mask), what the decoder cross-attends to (also for cached decoding)."""
+    ((B, L + T, D), (B, L + T) mask), what the decoder cross-attends to (also for cached decoding).
+
+    Args:
+      model: a `T5` module.
+      params: its plain params.
+      encoder_input_ids_BxL: integer encoder token ids (B, L).
+      encoder_mask_BxL: (B, L), True on real tokens.
+      instruction_BxTxD: each example's instruction states (B, T, D), D = d_model.
+      instruction_mask_BxT: (B, T), True on instruction tokens.
+      lora: None, one adapter, or one per example (applied to the encoder).
+
+    Returns:
+      (states (B, L + T, D) in the encoder's dtype, bool mask (B, L + T)).
+
+    Raises:
+      ValueError: the instruction width differs from d_model.
+    """
     from jaxlm.models.t5 import T5
 
     variables = {"params": params}
@@ -318,7 +417,25 @@ def fused_logits(
 ) -> Array:
     """Decoder logits (B, M, V) with the instruction fused into the encoder output (TAGI's fusion).
 
-    With an all-False instruction mask this equals plain `T5.__call__` (masked keys get zero weight)."""
+    With an all-False instruction mask this equals plain `T5.__call__` (masked keys get zero weight).
+
+    Args:
+      model: a `T5` module.
+      params: its plain params.
+      encoder_input_ids_BxL: integer encoder token ids (B, L).
+      encoder_mask_BxL: (B, L), True on real tokens.
+      decoder_input_ids_BxM: integer decoder inputs (B, M).
+      instruction_BxTxD: each example's instruction states (B, T, D), D = d_model.
+      instruction_mask_BxT: (B, T), True on instruction tokens.
+      lora: None, one adapter, or one per example (applied to encoder and decoder).
+      decoder_attention_mask_BxM: (B, M), True on real decoder tokens; None: all real.
+
+    Returns:
+      float32 logits (B, M, V).
+
+    Raises:
+      ValueError: the instruction width differs from d_model.
+    """
     from jaxlm.models.t5 import T5
 
     hidden, mask = fused_encoder_states(
@@ -331,5 +448,12 @@ def fused_logits(
 
 
 def num_params(params: PyTree) -> int:
-    """Number of scalars in a (possibly boxed or abstract) param tree."""
+    """Number of scalars in a (possibly boxed or abstract) param tree.
+
+    Args:
+      params: any param tree (leaves need a `.shape`).
+
+    Returns:
+      The total element count, as a Python int.
+    """
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(lora_lib.unbox(params))))

@@ -32,7 +32,15 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 def sub(lora: LoraSubtree, name: str) -> LoraSubtree:
-    """The LoRA subtree of child module `name` (None when there is no adapter there)."""
+    """The LoRA subtree of child module `name` (None when there is no adapter there).
+
+    Args:
+      lora: a LoRA (sub)tree mirroring the param tree (nested mappings ending in {'a', 'b'}), or None.
+      name: the child module's name, e.g. 'self_attn' or 'layers_0'.
+
+    Returns:
+      `lora[name]`, or None when `lora` is None or has no entry `name`.
+    """
     if lora is None:
         return None
     return lora.get(name)
@@ -43,6 +51,14 @@ class Dense(nn.Module):
 
     The kernel is stored (in, out) with logical `axes`; LoRA leaves may carry a leading batch axis
     (one adapter per example), see `lora.lora_delta`.
+
+    Attributes:
+      features: output width F.
+      axes: logical axis names of the kernel's (in, out) dims; the bias takes `axes[1]`.
+      use_bias: add a bias of shape (F,) (initialised to zeros).
+      dtype: computation dtype (inputs, kernel and output are cast to it).
+      param_dtype: dtype the kernel and bias are stored in.
+      kernel_init: initializer of the (D_in, F) kernel (default N(0, 0.02^2)).
     """
 
     features: int
@@ -54,6 +70,20 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, lora: LoraSubtree = None, lora_scale: float = 1.0) -> Array:
+        """Applies the projection (plus the LoRA update when `lora` is given).
+
+        Args:
+          x: inputs (..., D_in), any float dtype (cast to `dtype`); (B, ..., D_in) with a batched LoRA.
+          lora: None, or {'a': (D_in, r), 'b': (r, F)} for one adapter, or {'a': (B, D_in, r),
+            'b': (B, r, F)} for one adapter per example (leading axis = x's batch axis).
+          lora_scale: the LoRA scale alpha / r.
+
+        Returns:
+          (..., F) in `dtype`.
+
+        Raises:
+          ValueError: a batched LoRA whose leading axis differs from x's batch size.
+        """
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, self.axes),
@@ -76,7 +106,15 @@ class Dense(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding table (vocab, embed); `attend` gives logits for a tied output head."""
+    """Token embedding table (vocab, embed); `attend` gives logits for a tied output head.
+
+    Attributes:
+      num_embeddings: number of rows V (vocabulary size).
+      features: embedding width D.
+      dtype: dtype of the looked-up embeddings and of `attend`'s logits.
+      param_dtype: dtype the (V, D) table is stored in.
+      embedding_init: initializer of the table (default N(0, 0.02^2)).
+    """
 
     num_embeddings: int
     features: int
@@ -85,6 +123,7 @@ class Embed(nn.Module):
     embedding_init: Callable = nn.initializers.normal(stddev=0.02)
 
     def setup(self) -> None:
+        """Creates the (V, D) `embedding` param with logical axes ('vocab', 'embed')."""
         self.embedding = self.param(
             "embedding",
             nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
@@ -93,14 +132,36 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids: Array) -> Array:
+        """Looks up token embeddings.
+
+        Args:
+          ids: integer token ids of any shape (...), in [0, V).
+
+        Returns:
+          (..., D) embeddings in `dtype`.
+        """
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
+        """Projects hidden states onto the vocabulary with the embedding table (tied output head).
+
+        Args:
+          x: hidden states (..., D).
+
+        Returns:
+          logits (..., V) = x @ table^T, in `dtype`.
+        """
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 (Llama, T5 layer norm)."""
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 (Llama, T5 layer norm).
+
+    Attributes:
+      eps: added to the mean square before the rsqrt.
+      dtype: output dtype.
+      param_dtype: dtype of the (D,) weight (initialised to ones, logical axis 'embed').
+    """
 
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
@@ -108,6 +169,14 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """Normalises over the last axis.
+
+        Args:
+          x: (..., D), any float dtype.
+
+        Returns:
+          (..., D) in `dtype`.
+        """
         weight = self.param(
             "weight", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
         )
@@ -117,7 +186,13 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Standard LayerNorm with weight and bias (BERT)."""
+    """Standard LayerNorm with weight and bias (BERT); statistics computed in float32.
+
+    Attributes:
+      eps: added to the variance before the rsqrt.
+      dtype: output dtype.
+      param_dtype: dtype of the (D,) weight (ones) and bias (zeros), logical axis 'embed'.
+    """
 
     eps: float = 1e-12
     dtype: Dtype = jnp.float32
@@ -125,6 +200,14 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance, as torch).
+
+        Args:
+          x: (..., D), any float dtype.
+
+        Returns:
+          (..., D) in `dtype`.
+        """
         d = x.shape[-1]
         weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
@@ -139,12 +222,26 @@ def mask_bias(mask: Array, dtype: Dtype = jnp.float32) -> Array:
     """Boolean keep-mask -> additive bias (0 where kept, a large negative where masked).
 
     A finite minimum (not -inf) keeps fully masked rows (left-padding queries) free of NaNs.
+
+    Args:
+      mask: boolean keep-mask of any shape, e.g. (B, 1, L, S) (True: the key is visible).
+      dtype: dtype of the bias.
+
+    Returns:
+      Same shape as `mask`, in `dtype`: 0.0 where True, `jnp.finfo(dtype).min` where False.
     """
     return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
 def heads_major(x_BxLxKxD: Array) -> Array:
-    """(B, L, K, D) -> (B, K, L, D): the key/value (and KV-cache) layout `dot_product_attention` takes."""
+    """(B, L, K, D) -> (B, K, L, D): the key/value (and KV-cache) layout `dot_product_attention` takes.
+
+    Args:
+      x_BxLxKxD: per-head keys or values (B, L, K, D), K heads of width D.
+
+    Returns:
+      The same values transposed to (B, K, L, D), same dtype.
+    """
     return x_BxLxKxD.transpose(0, 2, 1, 3)
 
 
@@ -161,6 +258,20 @@ def dot_product_attention(
     batch dims and a long KV cache is never transposed: in decoding only the L new queries move.
     `bias` broadcasts to (B, H, L, S) and carries masks and relative-position terms.
     Softmax runs in float32. Returns (B, L, H, D).
+
+    Query head h uses kv head h // (H // K) (consecutive query heads share a kv head, as HF's
+    `repeat_kv`). H must be a multiple of K.
+
+    Args:
+      q_BxLxHxD: queries (B, L, H, D) for L query positions.
+      k_BxKxSxD: keys (B, K, S, D) for S key slots (heads-major, see `heads_major`).
+      v_BxKxSxD: values (B, K, S, D).
+      bias: additive bias broadcastable to (B, H, L, S), e.g. (B, 1, L, S) from `mask_bias` or
+        (B, H, L, S) with T5's relative-position term; its last dim must be S.
+      scale: multiplies q . k before the bias (D**-0.5 for Llama/BERT; 1.0 for T5).
+
+    Returns:
+      (B, L, H, D) attention outputs in v's dtype (probabilities are cast to it after the softmax).
     """
     b, l, h, d = q_BxLxHxD.shape
     kv_heads = k_BxKxSxD.shape[1]

@@ -31,6 +31,34 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """Hyperparameters of a Llama-family decoder (names follow transformers' LlamaConfig where they can).
+
+    Attributes:
+      vocab_size: V.
+      hidden_size: model width D.
+      intermediate_size: width of the SwiGLU MLP.
+      num_layers: number of decoder blocks (`layers_0` ... `layers_{n-1}`).
+      num_heads: query heads H.
+      num_kv_heads: key/value heads K (GQA); H must be a multiple of K.
+      head_dim: per-head width; None means hidden_size // num_heads (see `dim_per_head`).
+      rope_theta: RoPE base.
+      rms_norm_eps: epsilon of every RMSNorm.
+      tie_word_embeddings: logits from the embedding table (no `lm_head` param).
+      attention_bias: q/k/v/o projections have biases.
+      mlp_bias: gate/up/down projections have biases.
+      max_position_embeddings: context length, kept for export (the model does not check positions).
+      sliding_window: Mistral's attention window in cache slots, or None for full causal attention.
+      bos_token_id: BOS id, or None.
+      eos_token_ids: ids that end a generation.
+      pad_token_id: pad id, or None.
+      dtype: activation (computation) dtype name, e.g. "float32" or "bfloat16".
+      param_dtype: dtype name params are created in.
+      remat: gradient checkpointing of each block in training forwards: "none", "full" or "dots".
+
+    Raises:
+      ValueError: at construction, when num_heads is not a multiple of num_kv_heads or `remat` is unknown.
+    """
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -64,11 +92,21 @@ class LlamaConfig:
 
     @property
     def dim_per_head(self) -> int:
+        """Per-head width: `head_dim`, or hidden_size // num_heads when unset."""
         return self.head_dim or self.hidden_size // self.num_heads
 
 
 def rope(x_BxLxHxD: Array, positions_BxL: Array, theta: float) -> Array:
-    """Rotary embedding in the Hugging Face (rotate-half, non-interleaved) layout."""
+    """Rotary embedding in the Hugging Face (rotate-half, non-interleaved) layout.
+
+    Args:
+      x_BxLxHxD: queries or keys (B, L, H, D), D even.
+      positions_BxL: integer position of each token (B, L).
+      theta: RoPE base (`rope_theta`).
+
+    Returns:
+      (B, L, H, D) rotated, in x's dtype (the rotation is computed in float32).
+    """
     d = x_BxLxHxD.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # (B, L, D/2)
@@ -86,7 +124,19 @@ def attention_bias(
 ) -> Array:
     """(B, 1, L, S) additive bias: key slot s is visible to query slot q = cache_index + l iff it is
     real and s <= q (and q - s < window for Mistral's sliding window, counted in cache slots), and,
-    for packed rows (`segment_ids`, no cache so S = L), iff both lie in the same segment."""
+    for packed rows (`segment_ids`, no cache so S = L), iff both lie in the same segment.
+
+    Args:
+      kv_mask_BxS: bool (B, S), True on real key slots.
+      cache_index: slot of the first query (int or int32 scalar; 0 without a cache).
+      length: number of query positions L.
+      dtype: dtype of the bias.
+      window: sliding window in slots, or None.
+      segment_ids_BxL: packed-segment ids (B, L) (then S must equal L), or None.
+
+    Returns:
+      (B, 1, L, S) in `dtype`: 0.0 where visible, `jnp.finfo(dtype).min` elsewhere (see `mask_bias`).
+    """
     query_slots = cache_index + jnp.arange(length)
     key_slots = jnp.arange(kv_mask_BxS.shape[1])
     causal = key_slots[None, :] <= query_slots[:, None]
@@ -99,10 +149,30 @@ def attention_bias(
 
 
 class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with RoPE (`q_proj`, `k_proj`, `v_proj`, `o_proj`), scaled by Dh**-0.5.
+
+    Attributes:
+      config: the model config (H, K, Dh = `dim_per_head`, biases, dtypes).
+    """
+
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, x, positions, bias, lora, lora_scale, layer_cache=None, cache_index=None):
+        """Attends from the L new tokens to the cache slots (or, without a cache, to themselves).
+
+        Args:
+          x: normed hidden states (B, L, D).
+          positions: RoPE positions (B, L).
+          bias: additive mask bias (B, 1, L, S) from `attention_bias` (S = L without a cache).
+          lora: LoRA subtree of this module (keys 'q_proj', ...), or None.
+          lora_scale: alpha / r.
+          layer_cache: {'k', 'v'} each (B, K, S, Dh), or None for a plain forward.
+          cache_index: first slot the new keys/values are written to (used only with `layer_cache`).
+
+        Returns:
+          (out (B, L, D) in `config.dtype`, updated {'k', 'v'} (B, K, S, Dh) in the cache's dtype or None).
+        """
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         hd = c.dim_per_head
@@ -125,10 +195,26 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)).
+
+    Attributes:
+      config: the model config (widths, `mlp_bias`, dtypes).
+    """
+
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, x, lora, lora_scale):
+        """Applies the MLP.
+
+        Args:
+          x: normed hidden states (B, L, D).
+          lora: LoRA subtree of this module (keys 'gate_proj', 'up_proj', 'down_proj'), or None.
+          lora_scale: alpha / r.
+
+        Returns:
+          (B, L, D) in `config.dtype`.
+        """
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         dense = lambda n, f, axes: Dense(f, axes, use_bias=c.mlp_bias, dtype=dt, param_dtype=pdt, name=n)
@@ -138,10 +224,30 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
+    """Pre-norm decoder block: x + self_attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.)).
+
+    Attributes:
+      config: the model config.
+    """
+
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, x, positions, bias, lora, lora_scale, layer_cache=None, cache_index=None):
+        """Runs one block.
+
+        Args:
+          x: hidden states (B, L, D).
+          positions: RoPE positions (B, L).
+          bias: additive mask bias (B, 1, L, S).
+          lora: LoRA subtree of this block (keys 'self_attn', 'mlp'), or None.
+          lora_scale: alpha / r.
+          layer_cache: this layer's {'k', 'v'} (B, K, S, Dh), or None.
+          cache_index: first cache slot written.
+
+        Returns:
+          (hidden states (B, L, D), updated layer cache or None); see `LlamaAttention`.
+        """
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         h = RMSNorm(c.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
@@ -163,6 +269,9 @@ class Llama(nn.Module):
     packed training rows; pass the per-segment `positions` with it. With `cache` (from
     `init_cache`) and `cache_index`, the tokens are written into cache slots
     [cache_index, cache_index + L) and the updated cache is returned beside the logits.
+
+    Attributes:
+      config: the model config.
     """
 
     config: LlamaConfig
@@ -181,6 +290,32 @@ class Llama(nn.Module):
         gather_index: Array | None = None,
         segment_ids: Array | None = None,
     ):
+        """Runs the decoder over L tokens per row (a training forward, a prefill, or a decoding step).
+
+        Args:
+          input_ids: integer token ids (B, L).
+          attention_mask: (B, L) bool or 0/1, True on real tokens (left or right padding). None: all
+            real, or `segment_ids > 0` when `segment_ids` is given.
+          positions: integer RoPE positions (B, L). None: the number of real tokens before each one,
+            `max(cumsum(mask) - 1, 0)`, counted over this call's tokens only, so pass positions
+            explicitly for cached steps after the prefill (and per-segment ones with `segment_ids`).
+          lora: None, one adapter (leaves (D_in, r) / (r, D_out)) or one per row (leaves (B, ...)).
+          cache: KV cache from `init_cache` with S slots (S >= cache_index + L), or None.
+          cache_index: first cache slot the L tokens are written to (int or int32 scalar).
+          output: "logits" for float32 vocabulary logits, or "hidden" for the final normed hidden states.
+          gather_index: integer (B,) or (B, T) positions to keep before the vocab projection, or None.
+          segment_ids: packed-segment ids (B, L), 1.. per segment and 0 on padding; no cache allowed.
+
+        Returns:
+          logits float32 (B, L, V) (with `gather_index`: (B, 1, V) for (B,), (B, T, V) for (B, T)), or
+          with output="hidden" the hidden states (B, L, D) / (B, 1, D) / (B, T, D) in `config.dtype`.
+          With `cache`: (that array, new cache) where the new cache is {'kv_mask': bool (B, S),
+          'layers_i': {'k', 'v'} (B, K, S, Dh)} with this call's slots written.
+
+        Raises:
+          ValueError: `segment_ids` together with `cache`, or a batched LoRA whose adapter count
+            differs from B.
+        """
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         b, l = input_ids.shape
@@ -230,7 +365,18 @@ class Llama(nn.Module):
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any = None) -> Cache:
-    """An empty KV cache with `max_length` slots per example, heads-major (B, K, S, D)."""
+    """An empty KV cache with `max_length` slots per example, heads-major (B, K, S, D).
+
+    Args:
+      config: the model config (num_layers, K = num_kv_heads, D = dim_per_head).
+      batch_size: B.
+      max_length: S, slots per example (prompt length + new tokens for decoding).
+      dtype: dtype of the keys/values; None means `config.dtype`.
+
+    Returns:
+      {'kv_mask': bool zeros (B, S), 'layers_i': {'k': zeros (B, K, S, D), 'v': zeros (B, K, S, D)}}
+      for i in [0, num_layers).
+    """
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch_size, config.num_kv_heads, max_length, config.dim_per_head)
     cache: Cache = {"kv_mask": jnp.zeros((batch_size, max_length), bool)}
@@ -240,7 +386,20 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
-    """LlamaConfig from a transformers `config.json` dict (LlamaForCausalLM, MistralForCausalLM)."""
+    """LlamaConfig from a transformers `config.json` dict (LlamaForCausalLM, MistralForCausalLM).
+
+    Args:
+      hf: the parsed config.json. `rope_theta` may also sit in `rope_parameters`; a sliding window is
+        kept unless `use_sliding_window` is false; `eos_token_id` may be an int, a list or null.
+
+    Returns:
+      The LlamaConfig (dtype and param_dtype left at "float32").
+
+    Raises:
+      ValueError: RoPE scaling other than the default, or a head count the config rejects.
+      KeyError: a required field (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+        num_attention_heads) is missing.
+    """
     eos = hf.get("eos_token_id", 2)
     rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
@@ -268,7 +427,15 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
 
 
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
-    """transformers LlamaForCausalLM `config.json` dict for this config."""
+    """transformers LlamaForCausalLM `config.json` dict for this config.
+
+    Args:
+      config: the model config.
+
+    Returns:
+      A JSON-serialisable dict (`eos_token_id` an int for one EOS id, else a list; `sliding_window`
+      only when set; `torch_dtype` "float32").
+    """
     eos = list(config.eos_token_ids)
     return {
         "architectures": ["LlamaForCausalLM"],

@@ -24,7 +24,16 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """Which modules get an adapter (by module name, e.g. 'q_proj' or 'q'), its rank and alpha."""
+    """Which modules get an adapter (by module name, e.g. 'q_proj' or 'q'), its rank and alpha.
+
+    Attributes:
+      targets: module names to adapt (any Dense-like module with a 'kernel' of that name, at any depth).
+      rank: LoRA rank r.
+      alpha: LoRA alpha; the update is scaled by alpha / r.
+
+    Raises:
+      ValueError: at construction, when `rank` <= 0 or `targets` is empty.
+    """
 
     targets: tuple[str, ...]
     rank: int = 8
@@ -39,12 +48,21 @@ class LoraSpec:
 
     @property
     def scale(self) -> float:
+        """The LoRA scale alpha / r."""
         return self.alpha / self.rank
 
 
 @struct.dataclass
 class LoraWeights:
-    """A LoRA pytree plus its static rank and alpha; what `model.apply(..., lora=...)` takes."""
+    """A LoRA pytree plus its static rank and alpha; what `model.apply(..., lora=...)` takes.
+
+    Attributes:
+      params: nested dict mirroring the base param tree down to each adapted module, which holds
+        {'a': (D_in, r), 'b': (r, D_out)}, or with a leading adapter/batch axis N on both leaves
+        {'a': (N, D_in, r), 'b': (N, r, D_out)}.
+      rank: r (static: not a pytree leaf).
+      alpha: LoRA alpha (static).
+    """
 
     params: PyTree
     rank: int = struct.field(pytree_node=False)
@@ -52,16 +70,35 @@ class LoraWeights:
 
     @property
     def scale(self) -> float:
+        """The LoRA scale alpha / r."""
         return self.alpha / self.rank
 
     @property
     def batched(self) -> bool:
+        """True when the leaves carry a leading adapter axis (judged by the first leaf being 3-D).
+
+        Raises:
+          IndexError: `params` has no leaves.
+        """
         leaf = jax.tree_util.tree_leaves(self.params)[0]
         return leaf.ndim == 3
 
 
 def lora_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
-    """scale * x @ A @ B, per example when A/B carry a leading batch axis."""
+    """scale * x @ A @ B, per example when A/B carry a leading batch axis.
+
+    Args:
+      x: inputs (..., D_in); with batched A/B, (B, ..., D_in).
+      a: A, (D_in, r) or batched (B, D_in, r); cast to x's dtype.
+      b: B, (r, D_out) or batched (B, r, D_out); cast to x's dtype.
+      scale: alpha / r.
+
+    Returns:
+      The update (..., D_out) (batched: (B, ..., D_out)) in x's dtype; no (D_in, D_out) matrix is built.
+
+    Raises:
+      ValueError: batched A whose leading axis differs from x's batch size.
+    """
     if a.ndim == 2:
         return scale * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
     if a.shape[0] != x.shape[0]:
@@ -71,7 +108,18 @@ def lora_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
 
 
 def iter_targets(params: Mapping[str, Any], targets: Iterable[str], path: tuple[str, ...] = ()):
-    """Yield (path, module_params) for every Dense-like module (has 'kernel') named in `targets`."""
+    """Yield (path, module_params) for every Dense-like module (has 'kernel') named in `targets`.
+
+    Depth-first in the tree's dict order; a matched module is not searched further.
+
+    Args:
+      params: a plain or boxed param tree (nested mappings; leaves are not inspected).
+      targets: module names to match.
+      path: prefix prepended to every yielded path (for recursion).
+
+    Yields:
+      (path tuple of keys, the module's param mapping containing 'kernel').
+    """
     targets = tuple(targets)
     for name, value in params.items():
         if not isinstance(value, Mapping):
@@ -105,6 +153,20 @@ def init_lora(
 
     `params` may be concrete or abstract (ShapeDtypeStruct); with `batch_size` every leaf gets a
     leading batch axis. B = 0 makes the adapted model exactly the base model.
+
+    Args:
+      spec: targets, rank r and alpha.
+      params: the base param tree (plain, boxed or abstract; a top-level {'params': ...} is stripped).
+      rng: PRNG key for A (the i-th target found uses `fold_in(rng, i)`); None means PRNGKey(0).
+      batch_size: N, to give every leaf a leading axis of N independently drawn adapters; None: one.
+      dtype: dtype of A and B.
+
+    Returns:
+      LoraWeights with `a` (D_in, r) and `b` (r, D_out) zeros per target (batched: (N, D_in, r),
+      (N, r, D_out)), rank and alpha from `spec`.
+
+    Raises:
+      ValueError: `spec.targets` match no module with a kernel in `params`.
     """
     params = unbox(params)
     found = list(iter_targets(params, spec.targets))
@@ -126,6 +188,17 @@ def lora_logical_axes(lora: LoraWeights, param_axes: PyTree) -> PyTree:
     """Logical axis names of each LoRA leaf, derived from the targeted kernel's axes.
 
     `param_axes` is the tree of `nn.get_partition_spec(boxed_params)` (PartitionSpecs of logical names).
+
+    Args:
+      lora: the adapter (concrete or abstract leaves; only shapes are read).
+      param_axes: PartitionSpecs of the base params, a tree containing every adapted module's 'kernel'.
+
+    Returns:
+      A tree like `lora.params` of PartitionSpecs: `a` -> (kernel in-axis, 'lora_rank'), `b` ->
+      ('lora_rank', kernel out-axis), each with a leading 'batch' for 3-D (batched) leaves.
+
+    Raises:
+      KeyError: an adapted module has no kernel axes in `param_axes`.
     """
     from jax.sharding import PartitionSpec
 
@@ -144,6 +217,13 @@ def delta_w(lora: LoraWeights) -> PyTree:
     """dW = (alpha/r) A @ B per target, in kernel (in, out) layout (batched: (B, in, out)).
 
     Materialises d x d matrices: for export and tests, not for training losses.
+
+    Args:
+      lora: a single or batched adapter.
+
+    Returns:
+      A tree like `lora.params` where each module's {'a', 'b'} is replaced by its dW array,
+      (D_in, D_out) or (N, D_in, D_out), in the leaves' dtype.
     """
 
     def one(module):
@@ -153,7 +233,20 @@ def delta_w(lora: LoraWeights) -> PyTree:
 
 
 def merge(params: PyTree, lora: LoraWeights) -> PyTree:
-    """Base params with dW added into each targeted kernel (single adapter only)."""
+    """Base params with dW added into each targeted kernel (single adapter only).
+
+    Args:
+      params: the base param tree (plain or boxed; a top-level {'params': ...} is stripped).
+      lora: a single (unbatched) adapter of that base.
+
+    Returns:
+      A plain param tree (not mutated in place) where each adapted kernel is kernel + dW, cast back to
+      the kernel's dtype; every other leaf is shared with `params`.
+
+    Raises:
+      ValueError: `lora` is batched.
+      KeyError: `lora` adapts a module that `params` lacks.
+    """
     if lora.batched:
         raise ValueError("merge needs a single adapter; this LoRA has a leading batch axis")
     deltas = delta_w(lora)
@@ -173,7 +266,18 @@ def merge(params: PyTree, lora: LoraWeights) -> PyTree:
 
 
 def select(lora: LoraWeights, index: int) -> LoraWeights:
-    """Adapter `index` of a batched LoRA, as a single adapter."""
+    """Adapter `index` of a batched LoRA, as a single adapter.
+
+    Args:
+      lora: a batched adapter, leaves (N, D_in, r) / (N, r, D_out).
+      index: which adapter, in [0, N) (negative counts from the end).
+
+    Returns:
+      LoraWeights with leaves (D_in, r) / (r, D_out), same rank and alpha.
+
+    Raises:
+      ValueError: `lora` is not batched.
+    """
     if not lora.batched:
         raise ValueError("select needs a batched LoRA")
     return lora.replace(params=jax.tree_util.tree_map(lambda x: x[index], lora.params))
@@ -181,12 +285,33 @@ def select(lora: LoraWeights, index: int) -> LoraWeights:
 
 def per_example(lora_N: LoraWeights, index_B: Array) -> LoraWeights:
     """Adapter index_B[b] for every example b of a batch (a gather of N stacked adapters; the model's
-    batched-LoRA path then runs a mixed-task batch in one call, never a per-example d x d kernel)."""
+    batched-LoRA path then runs a mixed-task batch in one call, never a per-example d x d kernel).
+
+    Args:
+      lora_N: a batched adapter, leaves (N, D_in, r) / (N, r, D_out).
+      index_B: integer (B,) adapter index of each example, in [0, N). Not checked: `jnp.take`
+        returns NaN leaves for an index >= N (negative ones count from the end).
+
+    Returns:
+      LoraWeights with leaves (B, D_in, r) / (B, r, D_out), same rank and alpha.
+    """
     return lora_N.replace(params=jax.tree_util.tree_map(lambda x: jnp.take(x, index_B, axis=0), lora_N.params))
 
 
 def stack(adapters: list[LoraWeights]) -> LoraWeights:
-    """Batch single adapters (same targets, rank, alpha) into one batched LoRA."""
+    """Batch single adapters (same targets, rank, alpha) into one batched LoRA.
+
+    Args:
+      adapters: N >= 1 single adapters with the same tree and leaf shapes.
+
+    Returns:
+      LoraWeights with leaves (N, D_in, r) / (N, r, D_out), adapter i at index i.
+
+    Raises:
+      ValueError: the adapters differ in rank or alpha (differing trees or leaf shapes also fail,
+        in `jax.tree_util.tree_map` / `jnp.stack`).
+      IndexError: `adapters` is empty.
+    """
     first = adapters[0]
     for other in adapters[1:]:
         if (other.rank, other.alpha) != (first.rank, first.alpha):
@@ -196,7 +321,14 @@ def stack(adapters: list[LoraWeights]) -> LoraWeights:
 
 
 def unbox(tree: PyTree) -> PyTree:
-    """Strip flax partitioning boxes (nn.Partitioned) and a top-level {'params': ...} wrapper."""
+    """Strip flax partitioning boxes (nn.Partitioned) and a top-level {'params': ...} wrapper.
+
+    Args:
+      tree: a param tree, boxed or not, with or without the {'params': ...} wrapper.
+
+    Returns:
+      The plain tree (leaves are the boxes' values; nothing is copied).
+    """
     from flax.core import meta
 
     tree = meta.unbox(tree)
@@ -206,4 +338,5 @@ def unbox(tree: PyTree) -> PyTree:
 
 
 def num_params(lora: LoraWeights) -> int:
+    """Number of scalars in the adapter's A and B leaves (a batched adapter counts all N)."""
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(lora.params)))

@@ -29,6 +29,33 @@ Cache = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
+    """Hyperparameters of a T5 encoder-decoder (names follow transformers' T5Config).
+
+    Attributes:
+      vocab_size: V.
+      d_model: model width D.
+      d_kv: per-head width.
+      d_ff: feed-forward width.
+      num_layers: encoder blocks.
+      num_heads: attention heads H (inner width H * d_kv, see `inner_dim`).
+      num_decoder_layers: decoder blocks; None means `num_layers`.
+      relative_attention_num_buckets: relative-position buckets per stack.
+      relative_attention_max_distance: distances at or beyond this share the last bucket.
+      layer_norm_epsilon: epsilon of every RMS layer norm.
+      feed_forward_proj: "relu", "gelu", "gated-gelu", "gated-silu", ... ("gated-" selects wi_0/wi_1).
+      tie_word_embeddings: logits from the `shared` embedding (no `lm_head` param).
+      scale_decoder_outputs: multiply the decoder output by d_model**-0.5 before the head; None means
+        `tie_word_embeddings`.
+      decoder_start_token_id: first decoder input token.
+      eos_token_ids: ids that end a generation.
+      pad_token_id: pad id, or None.
+      dtype: activation (computation) dtype name.
+      param_dtype: dtype name params are created in.
+
+    Raises:
+      ValueError: at construction, when the activation of `feed_forward_proj` is not in `ACTIVATIONS`.
+    """
+
     vocab_size: int
     d_model: int
     d_kv: int
@@ -64,6 +91,7 @@ class T5Config:
 
     @property
     def is_gated(self) -> bool:
+        """True for "gated-*" feed-forwards (v1.1 / Flan: act(wi_0 x) * wi_1 x)."""
         return self.feed_forward_proj.startswith("gated-")
 
     @property
@@ -75,6 +103,7 @@ class T5Config:
 
     @property
     def inner_dim(self) -> int:
+        """Attention inner width num_heads * d_kv."""
         return self.num_heads * self.d_kv
 
 
@@ -97,7 +126,18 @@ def _bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> n
 def relative_position_bucket(
     relative_position: Array, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128
 ) -> Array:
-    """transformers' `T5Attention._relative_position_bucket` (relative = key pos - query pos)."""
+    """transformers' `T5Attention._relative_position_bucket` (relative = key pos - query pos).
+
+    Args:
+      relative_position: integer array of any shape, key position minus query position.
+      bidirectional: True for the encoder (half the buckets for keys after the query), False for the
+        decoder (keys after the query share bucket 0, masked out anyway).
+      num_buckets: number of buckets.
+      max_distance: distances >= this share the last (log-spaced) bucket.
+
+    Returns:
+      int32 bucket ids in [0, num_buckets), same shape as `relative_position`.
+    """
     table = jnp.asarray(_bucket_table(bidirectional, num_buckets, max_distance))
     offset = 0
     if bidirectional:
@@ -109,13 +149,28 @@ def relative_position_bucket(
 
 
 class RelativePositionBias(nn.Module):
-    """(1, H, L, S) bias for query slots `q_start + [0, L)` against key slots [0, S)."""
+    """(1, H, L, S) bias for query slots `q_start + [0, L)` against key slots [0, S).
+
+    Attributes:
+      config: the model config (buckets, max distance, H).
+      bidirectional: encoder (True) or decoder (False) bucketing.
+    """
 
     config: T5Config
     bidirectional: bool
 
     @nn.compact
     def __call__(self, q_start: Array | int, length: int, key_length: int) -> Array:
+        """Looks up the learned per-head bias of each (query, key) bucket.
+
+        Args:
+          q_start: slot of the first query (the cache index when decoding; int or int32 scalar).
+          length: number of queries L.
+          key_length: number of key slots S.
+
+        Returns:
+          (1, H, L, S) float32 bias, from the (num_buckets, H) `embedding` param.
+        """
         c = self.config
         table = self.param(
             "embedding",
@@ -144,6 +199,11 @@ class T5Attention(nn.Module):
 
     Returns (out, bias, kv): `bias` with the position term added (reused by later layers), `kv` the
     keys/values to cache (the updated self-attention cache, or the projected encoder states).
+
+    Attributes:
+      config: the model config.
+      has_relative_bias: this layer owns `relative_attention_bias` (block 0's self-attention).
+      bidirectional: bucketing of the relative bias (encoder True, decoder False).
     """
 
     config: T5Config
@@ -152,6 +212,25 @@ class T5Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv_source, bias, lora, lora_scale, layer_cache=None, cache_index=0, cross_kv=None):
+        """Attends from the L positions of `x` to the keys of `kv_source` (or the cache / `cross_kv`).
+
+        Args:
+          x: normed query states (B, L, D).
+          kv_source: states keys/values are projected from, (B, S, D): `x` itself for self-attention,
+            the encoder output (B, Le, D) for cross-attention; not read when `cross_kv` is given.
+          bias: additive bias broadcastable to (B, H, L, S), e.g. the (B, 1, L, S) mask bias, or the
+            sum returned by an earlier layer.
+          lora: LoRA subtree of this attention (keys 'q', 'k', 'v', 'o'), or None.
+          lora_scale: alpha / r.
+          layer_cache: decoder self-attention cache {'k', 'v'} (B, H, S, d_kv), or None.
+          cache_index: first cache slot written, also the first query's slot for the relative bias.
+          cross_kv: precomputed cross-attention {'k', 'v'} (B, H, Le, d_kv), or None.
+
+        Returns:
+          (out (B, L, D) in `config.dtype`; bias plus the (1, H, L, S) float32 position term when
+          `has_relative_bias`, else `bias` unchanged; {'k', 'v'} (B, H, S, d_kv): the updated cache,
+          `cross_kv` itself, or the freshly projected keys/values).
+        """
         c = self.config
         dt = jnp.dtype(c.dtype)
         inner = c.inner_dim
@@ -177,12 +256,26 @@ class T5Attention(nn.Module):
 
 
 class T5DenseReluDense(nn.Module):
-    """wo(act(wi x)) or, gated (v1.1 / Flan), wo(act(wi_0 x) * wi_1 x)."""
+    """wo(act(wi x)) or, gated (v1.1 / Flan), wo(act(wi_0 x) * wi_1 x).
+
+    Attributes:
+      config: the model config (d_ff, `feed_forward_proj`).
+    """
 
     config: T5Config
 
     @nn.compact
     def __call__(self, x, lora, lora_scale):
+        """Applies the feed-forward.
+
+        Args:
+          x: normed states (B, L, D).
+          lora: LoRA subtree (keys 'wi' or 'wi_0'/'wi_1', and 'wo'), or None.
+          lora_scale: alpha / r.
+
+        Returns:
+          (B, L, D) in `config.dtype`.
+        """
         c = self.config
         dense = functools.partial(_dense, c)
 
@@ -196,7 +289,14 @@ class T5DenseReluDense(nn.Module):
 
 
 class T5LayerAttention(nn.Module):
-    """Pre-norm residual attention sublayer; `attn_name` is 'SelfAttention' or 'EncDecAttention'."""
+    """Pre-norm residual attention sublayer; `attn_name` is 'SelfAttention' or 'EncDecAttention'.
+
+    Attributes:
+      config: the model config.
+      attn_name: name of the attention submodule (and of its LoRA subtree).
+      has_relative_bias: see `T5Attention`.
+      bidirectional: see `T5Attention`.
+    """
 
     config: T5Config
     attn_name: str
@@ -205,6 +305,18 @@ class T5LayerAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv_source, bias, lora, lora_scale, layer_cache=None, cache_index=0, cross_kv=None):
+        """x + attention(layer_norm(x)).
+
+        Args:
+          x: states (B, L, D).
+          kv_source: None for self-attention (keys from the normed `x`), or the encoder output (B, Le, D).
+          bias, layer_cache, cache_index, cross_kv: as in `T5Attention`.
+          lora: LoRA subtree of this sublayer (key `attn_name`), or None.
+          lora_scale: alpha / r.
+
+        Returns:
+          (x + attention output (B, L, D), bias, kv) as in `T5Attention`.
+        """
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         h = RMSNorm(c.layer_norm_epsilon, dt, pdt, name="layer_norm")(x)
@@ -215,10 +327,26 @@ class T5LayerAttention(nn.Module):
 
 
 class T5LayerFF(nn.Module):
+    """Pre-norm residual feed-forward sublayer: x + DenseReluDense(layer_norm(x)).
+
+    Attributes:
+      config: the model config.
+    """
+
     config: T5Config
 
     @nn.compact
     def __call__(self, x, lora, lora_scale):
+        """Applies the sublayer.
+
+        Args:
+          x: states (B, L, D).
+          lora: LoRA subtree of this sublayer (key 'DenseReluDense'), or None.
+          lora_scale: alpha / r.
+
+        Returns:
+          (B, L, D) in `config.dtype`.
+        """
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         h = RMSNorm(c.layer_norm_epsilon, dt, pdt, name="layer_norm")(x)
@@ -226,7 +354,13 @@ class T5LayerFF(nn.Module):
 
 
 class T5Block(nn.Module):
-    """layer_0 self-attention, (decoder) layer_1 EncDecAttention, then the feed-forward layer."""
+    """layer_0 self-attention, (decoder) layer_1 EncDecAttention, then the feed-forward layer.
+
+    Attributes:
+      config: the model config.
+      is_decoder: causal self-attention plus cross-attention (feed-forward at layer_2), else encoder.
+      has_relative_bias: this block owns the relative-position table (block 0).
+    """
 
     config: T5Config
     is_decoder: bool
@@ -235,6 +369,24 @@ class T5Block(nn.Module):
     @nn.compact
     def __call__(self, x, self_bias, lora, lora_scale, encoder_hidden=None, cross_bias=None, layer_cache=None,
                  cache_index=0, cross_kv=None):
+        """Runs one block.
+
+        Args:
+          x: states (B, L, D).
+          self_bias: self-attention bias, (B, 1, L, S) mask bias, or (B, H, L, S) once block 0 has
+            added the position term.
+          lora: LoRA subtree of this block, or None.
+          lora_scale: alpha / r.
+          encoder_hidden: encoder output (B, Le, D) (decoder only).
+          cross_bias: cross-attention mask bias (B, 1, L, Le) (decoder only).
+          layer_cache: self-attention cache {'k', 'v'} (B, H, S, d_kv), or None.
+          cache_index: first cache slot written.
+          cross_kv: cached cross-attention {'k', 'v'} (B, H, Le, d_kv), or None to project `encoder_hidden`.
+
+        Returns:
+          (states (B, L, D), self_bias with the position term, self-attention {'k', 'v'},
+          cross-attention {'k', 'v'} or None for an encoder block).
+        """
         c = self.config
         attn = T5LayerAttention(c, "SelfAttention", self.has_relative_bias, not self.is_decoder, name="layer_0")
         x, self_bias, kv = attn(x, None, self_bias, sub(lora, "layer_0"), lora_scale, layer_cache, cache_index)
@@ -252,6 +404,10 @@ class T5Stack(nn.Module):
 
     `self_bias` is the (B, 1, L, S) mask bias of self-attention; block 0 adds the relative position
     term and every later block reuses the sum, as in HF. Returns (hidden, new_cache or None).
+
+    Attributes:
+      config: the model config.
+      is_decoder: decoder (num_decoder_layers blocks) or encoder (num_layers blocks).
     """
 
     config: T5Config
@@ -259,6 +415,22 @@ class T5Stack(nn.Module):
 
     @nn.compact
     def __call__(self, x, self_bias, lora, lora_scale, encoder_hidden=None, cross_bias=None, cache=None, cache_index=0):
+        """Runs every block, then the final layer norm.
+
+        Args:
+          x: embedded inputs (B, L, D).
+          self_bias: self-attention mask bias (B, 1, L, S), float32.
+          lora: LoRA subtree of this stack (keys 'block_i'), or None.
+          lora_scale: alpha / r.
+          encoder_hidden: encoder output (B, Le, D) (decoder only).
+          cross_bias: cross-attention mask bias (B, 1, L, Le) (decoder only).
+          cache: decoder cache {'block_i': {'k', 'v'}, optionally 'cross': {'block_i': {'k', 'v'}}}, or None.
+          cache_index: first cache slot written.
+
+        Returns:
+          (hidden (B, L, D) in `config.dtype`, new cache {'block_i': {'k', 'v'} (B, H, S, d_kv),
+          'cross': {'block_i': {'k', 'v'} (B, H, Le, d_kv)}} when `cache` was given, else None).
+        """
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         num_layers = c.num_decoder_layers if self.is_decoder else c.num_layers
@@ -283,11 +455,15 @@ class T5(nn.Module):
 
     `encode` and `decode` (via `method=`) split the two stacks for generation; `decode` with a cache
     from `init_cache` writes the decoder tokens into slots [cache_index, cache_index + L).
+
+    Attributes:
+      config: the model config.
     """
 
     config: T5Config
 
     def setup(self) -> None:
+        """Creates `shared` (V, D), the `encoder` and `decoder` stacks and, when untied, `lm_head`."""
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         self.shared = Embed(c.vocab_size, c.d_model, dt, pdt, embedding_init=nn.initializers.normal(1.0))
@@ -309,8 +485,28 @@ class T5(nn.Module):
         encoder_segment_ids: Array | None = None,
         decoder_segment_ids: Array | None = None,
     ) -> Array:
-        """`*_segment_ids` (1.. per packed segment, 0 on padding) make every attention block-diagonal
-        over packed segments (t5x packing); without them, one example per row."""
+        """Teacher-forced decoder logits: `encode`, then `decode` without a cache.
+
+        `*_segment_ids` (1.. per packed segment, 0 on padding) make every attention block-diagonal
+        over packed segments (t5x packing); without them, one example per row.
+
+        Args:
+          encoder_input_ids: integer encoder token ids (B, Le).
+          encoder_attention_mask: (B, Le) bool or 0/1, True on real tokens; None: all real, or
+            `encoder_segment_ids > 0` when given.
+          decoder_input_ids: integer decoder inputs (B, Ld) (targets shifted right after the start token).
+          decoder_attention_mask: (B, Ld); None: all real, or `decoder_segment_ids > 0` when given.
+          lora: None, one adapter, or one per row (leaves (B, ...)); applied to both stacks.
+          encoder_segment_ids: packed-segment ids (B, Le), or None.
+          decoder_segment_ids: packed-segment ids (B, Ld), or None (needs `encoder_segment_ids`).
+
+        Returns:
+          float32 logits (B, Ld, V).
+
+        Raises:
+          ValueError: `decoder_segment_ids` without `encoder_segment_ids`, or a batched LoRA whose
+            adapter count differs from B.
+        """
         if encoder_attention_mask is None:
             encoder_attention_mask = (
                 jnp.ones(encoder_input_ids.shape, bool) if encoder_segment_ids is None else encoder_segment_ids > 0
@@ -327,7 +523,17 @@ class T5(nn.Module):
         self, encoder_input_ids: Array, encoder_attention_mask: Array, *, lora: LoraWeights | None = None,
         segment_ids: Array | None = None,
     ) -> Array:
-        """Encoder hidden states (B, Le, d_model) after the final layer norm."""
+        """Encoder hidden states (B, Le, d_model) after the final layer norm.
+
+        Args:
+          encoder_input_ids: integer token ids (B, Le).
+          encoder_attention_mask: (B, Le) bool or 0/1, True on real tokens (required).
+          lora: None, one adapter, or one per row; its 'encoder' subtree is used.
+          segment_ids: packed-segment ids (B, Le) for block-diagonal attention, or None.
+
+        Returns:
+          (B, Le, d_model) in `config.dtype`; padded positions hold (meaningless) values too.
+        """
         tree, scale = (lora.params, lora.scale) if lora is not None else (None, 1.0)
         mask = encoder_attention_mask.astype(bool)
         allowed = mask[:, None, None, :]
@@ -354,6 +560,28 @@ class T5(nn.Module):
 
         The returned cache always holds the cross-attention keys/values ('cross'); when the given
         cache has them they are reused and `encoder_hidden` is not read again.
+
+        Args:
+          decoder_input_ids: integer decoder tokens (B, L).
+          encoder_hidden: encoder output (B, Le, D) from `encode`.
+          encoder_attention_mask: (B, Le) bool or 0/1, True on real encoder tokens.
+          lora: None, one adapter, or one per row; its 'decoder' and 'lm_head' subtrees are used.
+          cache: from `init_cache` (S slots, S >= cache_index + L) or a previous `decode`, or None.
+          cache_index: first cache slot the L tokens are written to (int or int32 scalar).
+          decoder_attention_mask: (B, L), True on real tokens; None: all real (segment ids do not
+            set it here).
+          decoder_segment_ids: packed-segment ids (B, L) (training only), or None.
+          encoder_segment_ids: packed-segment ids (B, Le) of the encoder rows, needed with
+            `decoder_segment_ids`.
+
+        Returns:
+          float32 logits (B, L, V); with `cache`, (logits, new cache) where the new cache is
+          {'kv_mask': bool (B, S), 'block_i': {'k', 'v'} (B, H, S, d_kv), 'cross': {'block_i':
+          {'k', 'v'} (B, H, Le, d_kv)}}.
+
+        Raises:
+          ValueError: `decoder_segment_ids` with a cache or without `encoder_segment_ids`, or a batched
+            LoRA whose adapter count differs from B.
         """
         c = self.config
         tree, scale = (lora.params, lora.scale) if lora is not None else (None, 1.0)
@@ -400,6 +628,16 @@ def init_cache(config: T5Config, batch_size: int, max_length: int, dtype: Any = 
 
     It has no 'cross' entry yet: the first `decode` call adds the cross-attention keys/values, so
     run that call (the decoder start token) before a `lax.while_loop` whose carry must keep one structure.
+
+    Args:
+      config: the model config (num_decoder_layers, H, d_kv).
+      batch_size: B.
+      max_length: S, decoder slots per example.
+      dtype: dtype of the keys/values; None means `config.dtype`.
+
+    Returns:
+      {'kv_mask': bool zeros (B, S), 'block_i': {'k': zeros (B, H, S, d_kv), 'v': zeros (B, H, S, d_kv)}}
+      for i in [0, num_decoder_layers).
     """
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch_size, config.num_heads, max_length, config.d_kv)  # heads-major, see dot_product_attention
@@ -416,6 +654,17 @@ def config_from_hf(hf: Mapping[str, Any]) -> T5Config:
     T5) and scales the decoder output iff tied. transformers >= 5 always writes
     tie_word_embeddings=True and keeps the real switch in `scale_decoder_outputs`; there an
     unscaled model is taken as untied (all Google v1.1 / Flan checkpoints have their own lm_head).
+
+    Args:
+      hf: the parsed config.json. A missing `decoder_start_token_id` falls back to the pad id (or 0);
+        `eos_token_id` may be an int, a list or null.
+
+    Returns:
+      The T5Config (dtype and param_dtype left at "float32").
+
+    Raises:
+      KeyError: a required field (vocab_size, d_model, d_kv, d_ff, num_layers, num_heads) is missing.
+      ValueError: an unsupported `feed_forward_proj` activation.
     """
     tie = hf.get("tie_word_embeddings", True)
     scale = hf.get("scale_decoder_outputs", tie)
@@ -449,6 +698,12 @@ def config_to_hf(config: T5Config) -> dict[str, Any]:
 
     `tie_word_embeddings` keeps its v4 meaning (lm_head shared and output scaled); transformers 5
     reads `scale_decoder_outputs` and unties when both tensors are present.
+
+    Args:
+      config: the model config.
+
+    Returns:
+      A JSON-serialisable dict (`eos_token_id` an int for one EOS id, else a list; `torch_dtype` "float32").
     """
     eos = list(config.eos_token_ids)
     return {

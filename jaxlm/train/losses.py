@@ -32,14 +32,32 @@ Array = jax.Array
 
 
 def token_log_probs(logits_BxLxV: Array, targets_BxL: Array) -> Array:
-    """log p(target) per position, computed in float32."""
+    """log p(target) per position, computed in float32.
+
+    Args:
+      logits_BxLxV: logits (B, L, V), any float dtype.
+      targets_BxL: integer target ids (B, L) in [0, V).
+
+    Returns:
+      float32 (B, L) natural-log probabilities log softmax(logits)[target].
+    """
     logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def weighted_cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array) -> tuple[Array, Array]:
     """(sum of weight * -log p(target), sum of weights): zero-weight (padding) positions contribute nothing,
-    even when their logits are not finite."""
+    even when their logits are not finite.
+
+    Args:
+      logits_BxLxV: logits (B, L, V).
+      targets_BxL: integer target ids (B, L).
+      weights_BxL: per-token weights (B, L), float or bool (0 on padding and non-targets).
+
+    Returns:
+      (total, weight): float32 scalars, the weighted NLL sum in nats and the weight sum;
+      `safe_mean(total, weight)` is the token-weighted mean NLL.
+    """
     weights_BxL = weights_BxL.astype(jnp.float32)
     nll_BxL = -token_log_probs(logits_BxLxV, targets_BxL)
     nll_BxL = jnp.where(weights_BxL > 0, nll_BxL, 0.0)
@@ -47,12 +65,29 @@ def weighted_cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL:
 
 
 def safe_mean(total: Array, weight: Array) -> Array:
-    """total / weight, 0 for an all-padding batch instead of NaN."""
+    """total / weight, 0 for an all-padding batch instead of NaN.
+
+    Args:
+      total: a summed loss or count (any shape).
+      weight: its weight sum, broadcastable to `total`.
+
+    Returns:
+      total / weight where weight > 0, else 0.
+    """
     return total / jnp.maximum(weight, 1e-9) * (weight > 0)
 
 
 def token_accuracy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array) -> tuple[Array, Array]:
-    """(weighted count of argmax == target, sum of weights)."""
+    """(weighted count of argmax == target, sum of weights).
+
+    Args:
+      logits_BxLxV: logits (B, L, V) (ties go to the lowest id).
+      targets_BxL: integer target ids (B, L).
+      weights_BxL: per-token weights (B, L).
+
+    Returns:
+      (hits, weight): float32 scalars; `safe_mean(hits, weight)` is the token-weighted accuracy.
+    """
     weights_BxL = weights_BxL.astype(jnp.float32)
     hits_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
     return jnp.sum(hits_BxL * weights_BxL), jnp.sum(weights_BxL)
@@ -74,6 +109,15 @@ def kl_distillation(
     The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.). The
     teacher is under `stop_gradient` (the loss trains the student only). Zero-weight positions
     contribute nothing, not even NaN, whatever their logits.
+
+    Args:
+      teacher_logits_BxLxV: teacher logits (B, L, V) at the same positions as the student's.
+      student_logits_BxLxV: student logits (B, L, V).
+      weights_BxL: per-position weights (B, L), float or bool.
+      temperature: T > 0, dividing both logits.
+
+    Returns:
+      (total, weight): float32 scalars, the weighted sum of T^2 * KL (nats) and the weight sum.
     """
     weights_BxL = weights_BxL.astype(jnp.float32)
     keep_BxL = weights_BxL > 0
@@ -102,6 +146,18 @@ def topk_kl_distillation(
     KL(q || p_s/Z) - log Z with Z the student's mass on the k ids: >= 0, zero iff the student equals
     the renormalised teacher on the support and puts no mass elsewhere; with k = V it is exactly
     `kl_distillation`. Returns (sum, weight) like the other token losses, multiplied by T^2.
+
+    Args:
+      teacher_topk_logprobs_BxLxK: the teacher's natural-log probabilities (B, L, K) of its top-k ids
+        (only their differences matter: they are renormalised).
+      teacher_topk_ids_BxLxK: integer ids (B, L, K) in [0, V) of those tokens.
+      student_logits_BxLxV: student logits (B, L, V) at the same positions.
+      weights_BxL: per-position weights (B, L), float or bool.
+      temperature: T > 0.
+
+    Returns:
+      (total, weight): float32 scalars, the weighted sum of T^2 * the term above (nats) and the
+      weight sum.
     """
     weights_BxL = weights_BxL.astype(jnp.float32)
     keep_BxL = weights_BxL > 0
@@ -121,6 +177,13 @@ def target_positions(weights_BxL: Array, num_targets: int) -> tuple[Array, Array
 
     Teacher rows (instruction in the prompt) and student rows (no instruction) have their targets at
     different offsets; the k-th target position of both predicts the same k-th target token.
+
+    Args:
+      weights_BxL: per-position loss weights (B, L); positions with weight > 0 are targets.
+      num_targets: T, how many target positions to return per row (may exceed L).
+
+    Returns:
+      (index int32 (B, T), valid bool (B, T)); rows with more than T targets keep their first T.
     """
     keep_BxL = weights_BxL > 0
     length = weights_BxL.shape[1]
@@ -135,7 +198,15 @@ def target_positions(weights_BxL: Array, num_targets: int) -> tuple[Array, Array
 
 
 def gather_positions(x_BxLx: Array, index_BxT: Array) -> Array:
-    """x[b, index[b, t], ...] -> (B, T, ...) (logits, weights, targets at `target_positions`)."""
+    """x[b, index[b, t], ...] -> (B, T, ...) (logits, weights, targets at `target_positions`).
+
+    Args:
+      x_BxLx: array (B, L, ...).
+      index_BxT: integer positions (B, T) in [0, L).
+
+    Returns:
+      (B, T, ...) with x's dtype.
+    """
     index = index_BxT.reshape(index_BxT.shape + (1,) * (x_BxLx.ndim - 2))
     return jnp.take_along_axis(x_BxLx, index, axis=1)
 
@@ -149,6 +220,16 @@ def aligned_target_logits(
 
     To save the vocab projection on long teacher prompts, pass the teacher's `target_positions`
     index as Llama's `gather_index` instead and use `gather_positions` on the student only.
+
+    Args:
+      teacher_logits_BxLtxV: teacher logits (B, Lt, V).
+      teacher_weights_BxLt: teacher loss weights (B, Lt); weight > 0 marks its target positions.
+      student_logits_BxLsxV: student logits (B, Ls, V).
+      student_weights_BxLs: student loss weights (B, Ls).
+      num_targets: T, target positions compared per row.
+
+    Returns:
+      (teacher logits (B, T, V), student logits (B, T, V), weights (B, T) in the student weights' dtype).
     """
     t_index, t_valid = target_positions(teacher_weights_BxLt, num_targets)
     s_index, s_valid = target_positions(student_weights_BxLs, num_targets)
@@ -179,6 +260,16 @@ def lora_sq_distance(student: LoraWeights, teacher: LoraWeights) -> dict[tuple[s
 
     (never a d x d matrix; O(d r^2)). Ranks may differ; leaves may carry a leading task axis N
     (then each value is (N,)); an unbatched side broadcasts against a batched one.
+
+    Args:
+      student: adapter with leaves (D_in, r_s) / (r_s, D_out), or (N, ...).
+      teacher: adapter of the same modules, leaves (D_in, r_t) / (r_t, D_out), or (N, ...).
+
+    Returns:
+      {module path tuple: float32 () or (N,)} squared Frobenius distances, clamped at >= 0.
+
+    Raises:
+      ValueError: the two adapters do not adapt the same modules.
     """
     s_mod, t_mod = _lora_modules(student), _lora_modules(teacher)
     if set(s_mod) != set(t_mod):
@@ -208,7 +299,14 @@ def _gram_inner(a1: Array, b1: Array, a2: Array, b2: Array) -> Array:
 
 
 def lora_sq_norm(lora: LoraWeights) -> dict[tuple[str, ...], Array]:
-    """{module path: ||dW||_F^2} via the r x r Grams (the teacher term of `lora_sq_distance`)."""
+    """{module path: ||dW||_F^2} via the r x r Grams (the teacher term of `lora_sq_distance`).
+
+    Args:
+      lora: adapter with leaves (D_in, r) / (r, D_out), or (N, ...).
+
+    Returns:
+      {module path tuple: float32 () or (N,)} with dW = (alpha/r) A @ B.
+    """
     return {path: lora.scale**2 * _gram_inner(m["a"], m["b"], m["a"], m["b"]) for path, m in _lora_modules(lora).items()}
 
 
@@ -222,6 +320,20 @@ def lora_alignment_loss(
     of ||dW_t||^2 + eps (robust to a near-zero teacher module), "none" keeps raw distances.
     `task_mask_N` (bool/float, (N,)) drops tasks without a LoRA teacher. Unbatched adapters count as
     one task.
+
+    Args:
+      student: generated adapter, leaves (N, D_in, r_s) / (N, r_s, D_out) (or unbatched).
+      teacher: teacher adapter of the same modules, (N, ...) or unbatched.
+      task_mask_N: (N,) weight of each task (> 0 keeps it), or None for all.
+      normalize: "module", "mean" or "none" (above).
+      eps: added to the normaliser.
+
+    Returns:
+      (total, count): float32 scalars, the mask-weighted sum over tasks of the module-mean
+      (normalised) distance, and the mask sum; `safe_mean(total, count)` is the per-task mean.
+
+    Raises:
+      ValueError: an unknown `normalize`, or the adapters do not adapt the same modules.
     """
     if normalize not in ("module", "mean", "none"):
         raise ValueError(f"lora_alignment_loss: normalize={normalize!r}, expected 'module', 'mean' or 'none'")
@@ -243,7 +355,18 @@ def lora_alignment_loss(
 def combine_losses(terms: dict[str, Array], weights: dict[str, float]) -> tuple[Array, dict[str, Array]]:
     """(sum of weights[k] * terms[k], metrics): every term is logged as `loss_<name>` (also those with
     weight 0 or no weight); the total is not in `metrics` (the train step logs it as `loss`).
-    A weight naming no term is an error."""
+    A weight naming no term is an error.
+
+    Args:
+      terms: {name: scalar loss}, e.g. {'ce': ..., 'kl': ...}.
+      weights: {name: weight}; terms without a weight, or with weight 0, are not added.
+
+    Returns:
+      (total float32 scalar, {'loss_<name>': term for every term}).
+
+    Raises:
+      ValueError: a weight names no term.
+    """
     unknown = sorted(set(weights) - set(terms))
     if unknown:
         raise ValueError(f"loss weights {unknown} name no loss term (terms: {sorted(terms)})")

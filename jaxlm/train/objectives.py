@@ -40,14 +40,38 @@ PyTree = Any
 
 
 class Objective(Protocol):
+    """What `TrainStep` trains: params split into a trainable and a frozen pytree, and a pure loss."""
+
     def init(self, rng: Array) -> tuple[PyTree, PyTree]:
-        """(trainable, frozen) params; must work under `jax.eval_shape`."""
+        """(trainable, frozen) params; must work under `jax.eval_shape`.
+
+        Args:
+          rng: a PRNG key.
+
+        Returns:
+          (trainable, frozen): plain (unboxed) param pytrees; the optimizer sees only `trainable`.
+        """
 
     def logical_axes(self) -> tuple[PyTree, PyTree]:
-        """Logical PartitionSpecs matching (trainable, frozen)."""
+        """Logical PartitionSpecs matching (trainable, frozen).
+
+        Returns:
+          Two trees of `PartitionSpec`s of logical axis names (mapped onto the mesh by
+          `jaxlm.sharding`), with the structures `init` returns.
+        """
 
     def loss(self, trainable: PyTree, frozen: PyTree, batch: Mapping[str, Array], rng: Array) -> tuple[Array, dict]:
-        """(token-weighted mean loss of `batch`, scalar metrics); pure."""
+        """(token-weighted mean loss of `batch`, scalar metrics); pure.
+
+        Args:
+          trainable: the trainable params (differentiated).
+          frozen: the frozen params.
+          batch: the features of `jaxlm.features` (B rows, padded lengths).
+          rng: a PRNG key for stochastic losses.
+
+        Returns:
+          (loss, metrics): a float32 scalar and {name: float32 scalar}.
+        """
 
 
 @functools.lru_cache(maxsize=4)
@@ -88,26 +112,53 @@ class LanguageModel:
     # ---------------------------------------------------------------- model
     @property
     def base(self) -> Pretrained | None:
+        """The loaded `pretrained` checkpoint (loaded once per process), or None with `model_config`.
+
+        Raises:
+          CheckpointError: `pretrained` cannot be resolved or read.
+        """
         return _load_pretrained_cached(self.pretrained) if self.pretrained else None
 
     @property
     def config(self) -> Any:
+        """The model config (`model_config` or the checkpoint's), with `compute_dtype` as its dtype when set."""
         config = self.base.config if self.pretrained else self.model_config
         return dataclasses.replace(config, dtype=self.compute_dtype) if self.compute_dtype else config
 
     @property
     def model(self) -> nn.Module:
+        """A fresh Flax module of the config's family (`Llama`, `T5`, ...) built from `config`."""
         return family(self.config.family).module(self.config)
 
     def with_compute_dtype(self, dtype: str) -> LanguageModel:
+        """A copy of this objective with `compute_dtype=dtype` (e.g. "bfloat16").
+
+        Args:
+          dtype: activation dtype name.
+
+        Returns:
+          A new objective of the same class; params are unaffected (they keep `param_dtype`).
+        """
         return dataclasses.replace(self, compute_dtype=dtype)
 
     def pretrained_base(self) -> PyTree | None:
-        """Host params of the pretrained base (placed by TrainStep, never baked into a jitted init)."""
+        """Host params of the pretrained base (placed by TrainStep, never baked into a jitted init).
+
+        Returns:
+          The checkpoint's plain param tree, or None when the base is randomly initialised.
+        """
         return self.base.params if self.pretrained else None
 
     def export_target(self, frozen: PyTree) -> Pretrained:
-        """The `Pretrained` an adapter of this run is exported against (PEFT names, base path)."""
+        """The `Pretrained` an adapter of this run is exported against (PEFT names, base path).
+
+        Args:
+          frozen: the base params to use when there is no pretrained checkpoint.
+
+        Returns:
+          The loaded checkpoint (`frozen` is then ignored), or a tokenizer-less `Pretrained` with source
+          "random-init" holding `frozen`.
+        """
         if self.pretrained:
             return self.base
         return Pretrained(self.config.family, self.config, frozen, None, "random-init")
@@ -165,9 +216,25 @@ class LanguageModel:
     # ---------------------------------------------------------------- params
     @property
     def num_adapters(self) -> int | None:
+        """N stacked adapters trained at once, or None for a single adapter / full finetune."""
         return None
 
     def init(self, rng: Array, base: PyTree | None = None) -> tuple[PyTree, PyTree]:
+        """(trainable, frozen) params; works under `jax.eval_shape`.
+
+        Args:
+          rng: a PRNG key, split into the base init's key (replaced by PRNGKey(init_seed) when set) and
+            the LoRA A init's key.
+          base: base params to use as they are (TrainStep passes `pretrained_base()` placed on the
+            mesh); None: the checkpoint's params, or a random init from `model_config`.
+
+        Returns:
+          Full finetune: (base params, {}). LoRA: (the LoRA param dict, leaves (D_in, r) / (r, D_out), or
+          (N, D_in, r) / (N, r, D_out) with `num_adapters` = N; the base params).
+
+        Raises:
+          ValueError: the LoRA targets match no module of the base.
+        """
         rng_base, rng_lora = jax.random.split(rng)
         if self.init_seed is not None:
             rng_base = jax.random.PRNGKey(self.init_seed)
@@ -183,9 +250,17 @@ class LanguageModel:
         return adapter.params, base
 
     def base_logical_axes(self) -> PyTree:
+        """Logical PartitionSpecs of the base model's params (also of `pretrained_base()`)."""
         return nn.get_partition_spec(abstract_params(self.config.family, self.config))
 
     def logical_axes(self) -> tuple[PyTree, PyTree]:
+        """Logical PartitionSpecs matching `init`'s (trainable, frozen).
+
+        Returns:
+          Full finetune: (base axes, {}). LoRA: (LoRA axes, base axes), where A is (kernel in-axis,
+          'lora_rank') and B ('lora_rank', kernel out-axis); stacked adapters get a leading None
+          (the task axis is replicated, not split like a batch).
+        """
         base_axes = self.base_logical_axes()
         if self.lora is None:
             return base_axes, {}
@@ -202,11 +277,39 @@ class LanguageModel:
 
     # ---------------------------------------------------------------- loss
     def adapter(self, trainable: PyTree, batch: Mapping[str, Array]) -> LoraWeights | None:
+        """The LoRA the model runs with for `batch`.
+
+        Args:
+          trainable: the trainable params (the LoRA param dict under LoRA).
+          batch: the batch (unused here; `LoRATeachers` reads `task_index`).
+
+        Returns:
+          LoraWeights of `trainable` with the spec's rank and alpha, or None for a full finetune.
+        """
         if self.lora is None:
             return None
         return LoraWeights(trainable, self.lora.rank, self.lora.alpha)
 
     def logits(self, params: PyTree, batch: Mapping[str, Array], lora: LoraWeights | None) -> Array:
+        """Teacher-forced logits of a batch.
+
+        T5 reads `encoder_input_tokens` and `decoder_input_tokens` (masks from the optional
+        `*_segment_ids`, else all real). Llama reads `decoder_input_tokens` and the optional
+        `decoder_positions` / `decoder_segment_ids` (block-diagonal packed rows), or, with
+        `context_across_rows`, attends causally over the whole row with `decoder_segment_ids > 0` as mask.
+
+        Args:
+          params: the base model's params.
+          batch: the features of `jaxlm.features`.
+          lora: None, one adapter, or one per row (leaves (B, ...)).
+
+        Returns:
+          float32 logits (B, L, V) (T5: (B, Ld, V)).
+
+        Raises:
+          KeyError: a required feature is missing.
+          ValueError: a batched LoRA whose adapter count differs from B.
+        """
         if self.config.family == "t5":
             return self.model.apply(
                 {"params": params}, batch["encoder_input_tokens"], None, batch["decoder_input_tokens"], None,
@@ -222,6 +325,21 @@ class LanguageModel:
         )
 
     def loss(self, trainable: PyTree, frozen: PyTree, batch: Mapping[str, Array], rng: Array) -> tuple[Array, dict]:
+        """Cross-entropy of `decoder_target_tokens` weighted by `decoder_loss_weights`.
+
+        Args:
+          trainable: the full params, or the LoRA param dict.
+          frozen: {} for a full finetune, else the base params.
+          batch: the features of `jaxlm.features`.
+          rng: unused (no dropout).
+
+        Returns:
+          (float32 token-weighted mean NLL in nats per target token, {'accuracy': token-weighted argmax
+          accuracy}); both 0 for a batch without target tokens.
+
+        Raises:
+          KeyError: a required feature is missing.
+        """
         del rng  # no dropout in these models
         params = trainable if self.lora is None else frozen
         logits_BxLxV = self.logits(params, batch, self.adapter(trainable, batch))
@@ -234,7 +352,14 @@ class LanguageModel:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class CausalLM(LanguageModel):
-    """Next-token cross-entropy of a Llama-family decoder on `decoder_*` features."""
+    """Next-token cross-entropy of a Llama-family decoder on `decoder_*` features.
+
+    Full finetune with `lora=None`, else a LoRA of the frozen base; see `LanguageModel`.
+
+    Raises:
+      ConfigError: at construction, when not exactly one of `model_config` and `pretrained` is set, or
+        the model is not of the llama family.
+    """
 
     expected_family = "llama"
 
@@ -242,7 +367,14 @@ class CausalLM(LanguageModel):
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqLM(LanguageModel):
-    """Target cross-entropy of a T5 encoder-decoder on `encoder_*` / `decoder_*` features."""
+    """Target cross-entropy of a T5 encoder-decoder on `encoder_*` / `decoder_*` features.
+
+    Full finetune with `lora=None`, else a LoRA of the frozen base; see `LanguageModel`.
+
+    Raises:
+      ConfigError: at construction, when not exactly one of `model_config` and `pretrained` is set, or
+        the model is not of the t5 family.
+    """
 
     expected_family = "t5"
 
@@ -251,7 +383,18 @@ class Seq2SeqLM(LanguageModel):
 @dataclasses.dataclass(frozen=True)
 class LoRATeachers(LanguageModel):
     """`num_tasks` LoRA teachers of one frozen base, trained together; example b uses adapter
-    `batch['task_index'][b]`. `task_names` (optional) names the exported adapter directories."""
+    `batch['task_index'][b]`. `task_names` (optional) names the exported adapter directories.
+
+    The trainable tree is the stacked LoRA param dict, leaves (num_tasks, D_in, r) / (num_tasks, r, D_out).
+
+    Attributes:
+      num_tasks: N, the number of adapters.
+      task_names: N names (exported directory names), or None for task_0 ... task_{N-1}.
+
+    Raises:
+      ConfigError: at construction, when `lora` is unset, `num_tasks` <= 0, `task_names` has the wrong
+        length, or as `LanguageModel` (model_config / pretrained).
+    """
 
     num_tasks: int = 1
     task_names: tuple[str, ...] | None = None
@@ -271,9 +414,22 @@ class LoRATeachers(LanguageModel):
 
     @property
     def num_adapters(self) -> int:
+        """N = `num_tasks`."""
         return self.num_tasks
 
     def adapter(self, trainable: PyTree, batch: Mapping[str, Array]) -> LoraWeights:
+        """Each example's teacher, gathered from the stack by `batch['task_index']`.
+
+        Args:
+          trainable: the stacked LoRA params, leaves (N, ...).
+          batch: a batch with `task_index` int (B,) in [0, N).
+
+        Returns:
+          LoraWeights with leaves (B, D_in, r) / (B, r, D_out).
+
+        Raises:
+          ValueError: the batch has no `task_index`.
+        """
         if "task_index" not in batch:
             raise ValueError("LoRATeachers needs batch['task_index'] (the task of each example)")
         return lora_lib.per_example(LoraWeights(trainable, self.lora.rank, self.lora.alpha), batch["task_index"])
@@ -281,7 +437,20 @@ class LoRATeachers(LanguageModel):
     def save_teachers(
         self, directory: str | Path, trainable: PyTree, task_names: Sequence[str] | None, pretrained: Pretrained
     ) -> Path:
-        """Each teacher as a PEFT adapter dir `directory/<task name>` plus a `teachers.json` index."""
+        """Each teacher as a PEFT adapter dir `directory/<task name>` plus a `teachers.json` index.
+
+        Args:
+          directory: the output directory.
+          trainable: the stacked LoRA params, leaves (N, ...).
+          task_names: N names, or None for `self.task_names` (else task_0 ... task_{N-1}).
+          pretrained: the base the adapters belong to (PEFT module names, recorded base source).
+
+        Returns:
+          `directory`.
+
+        Raises:
+          ConfigError: the number of names differs from `num_tasks`.
+        """
         from jaxlm.checkpoints.peft import export_peft_adapter
         from jaxlm.checkpoints.teachers import write_teachers_index
 
@@ -298,7 +467,20 @@ class LoRATeachers(LanguageModel):
         return directory
 
     def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
-        """The teachers as a LoRATeachers directory at `output` (what the loop writes to RUN/teachers/)."""
+        """The teachers as a LoRATeachers directory at `output` (what the loop writes to RUN/teachers/).
+
+        Args:
+          output: the directory to write.
+          trainable: the stacked LoRA params.
+          frozen: the base params (used when the base is not a pretrained checkpoint).
+          merged: must be False.
+
+        Returns:
+          `output`, written by `save_teachers` with the configured task names.
+
+        Raises:
+          ConfigError: `merged=True`.
+        """
         if merged:
             raise ConfigError("LoRATeachers: merged=True is not defined for a stack of per-task adapters")
         return self.save_teachers(output, trainable, None, self.export_target(frozen))

@@ -130,39 +130,64 @@ class TAGIDistillation(LanguageModel):
     # ---------------------------------------------------------------- pieces
     @property
     def spec(self) -> lora_lib.LoraSpec:
+        """The generated adapter's LoraSpec (targets, rank r, alpha): `hypernet.lora`."""
         return self.hypernet.lora
 
     @functools.cached_property
     def slots(self) -> tuple:
+        """The `LoraSlot`s the hypernetwork emits, from the base's abstract (boxed) params; computed once.
+
+        Raises:
+          ConfigError: `spec.targets` match no module of the base.
+        """
         return hyper_lib.lora_slots(abstract_params(self.config.family, self.config), self.spec)
 
     @property
     def hyper(self) -> hyper_lib.HyperLoRA:
+        """The `HyperLoRA` module (config `hypernet`, `slots`)."""
         return hyper_lib.HyperLoRA(self.hypernet, self.slots)
 
     @property
     def encoder_model(self) -> nn.Module:
+        """The instruction encoder's module: MiniLM's `Bert` for encoder="minilm", else the base model."""
         return self.minilm.model if self.hypernet.encoder == "minilm" else self.model
 
     @property
     def minilm(self) -> Pretrained:
+        """The all-MiniLM-L6-v2 checkpoint (loaded once per process).
+
+        Raises:
+          CheckpointError: its weight package is not installed.
+        """
         return _load_pretrained_cached(MINILM)
 
     @property
     def encoder_width(self) -> int:
+        """E, the width of the instruction states: MiniLM's hidden_size, or the base's d_model / hidden_size."""
         if self.hypernet.encoder == "minilm":
             return self.minilm.config.hidden_size
         return self.config.d_model if self.config.family == "t5" else self.config.hidden_size
 
     @functools.cached_property
     def teachers(self) -> tuple[tuple[str, ...], LoraWeights] | None:
+        """(task names, stacked teachers with numpy leaves (N, ...)) of `teachers_dir`, or None without it.
+
+        Raises:
+          CheckpointError: the index or an adapter cannot be read (see `load_teachers`).
+        """
         if not self.teachers_dir:
             return None
         return _teachers_cached(str(self.teachers_dir), self.config.family, self.config)
 
     # ---------------------------------------------------------------- host-loaded frozen parts
     def pretrained_base(self) -> PyTree | None:
-        """Every frozen part read from disk, as host arrays (TrainStep device_puts them in their shardings)."""
+        """Every frozen part read from disk, as host arrays (TrainStep device_puts them in their shardings).
+
+        Returns:
+          A dict with the present parts of {'base': pretrained base params, 'teachers': stacked teacher
+          LoRA params (N, ...), 'kl_teacher': `teacher_model`'s params, 'encoder': frozen MiniLM params},
+          or None when none is read from disk.
+        """
         host = {}
         if self.pretrained:
             host["base"] = self.base.params
@@ -175,7 +200,12 @@ class TAGIDistillation(LanguageModel):
         return host or None
 
     def base_logical_axes(self) -> PyTree:
-        """Axes of `pretrained_base()` (what TrainStep places), not of the base alone."""
+        """Axes of `pretrained_base()` (what TrainStep places), not of the base alone.
+
+        Returns:
+          A dict with the same keys as `pretrained_base()` (possibly empty) of logical PartitionSpec
+          trees; the teachers' leading task axis is replicated (None).
+        """
         axes = {}
         if self.pretrained:
             axes["base"] = super().base_logical_axes()
@@ -199,6 +229,22 @@ class TAGIDistillation(LanguageModel):
         return jnp.zeros((1, 1, self.encoder_width), jnp.float32), jnp.ones((1, 1), bool)
 
     def init(self, rng: Array, host: PyTree | None = None) -> tuple[PyTree, PyTree]:
+        """(trainable, frozen) params; works under `jax.eval_shape`.
+
+        Args:
+          rng: a PRNG key, split into the base init's key (replaced by PRNGKey(init_seed) when set) and
+            the hypernetwork init's key.
+          host: the frozen parts to use (TrainStep passes `pretrained_base()` placed on the mesh); None
+            reads them with `pretrained_base()`. Without a 'base' entry the base is randomly initialised.
+
+        Returns:
+          trainable: {'hypernet': HyperLoRA params (from `init_from` when set)}, plus 'encoder' (the
+            base, or MiniLM, params; from `init_from` when set) when `train_encoder`.
+          frozen: {'base': base params} plus the other entries of `host`.
+
+        Raises:
+          ConfigError: `init_from`'s saved params lack a part or differ in structure or shape.
+        """
         rng_base, rng_hyper = jax.random.split(rng)
         if self.init_seed is not None:
             rng_base = jax.random.PRNGKey(self.init_seed)
@@ -221,6 +267,12 @@ class TAGIDistillation(LanguageModel):
         return trainable, frozen
 
     def logical_axes(self) -> tuple[PyTree, PyTree]:
+        """Logical PartitionSpecs matching `init`'s (trainable, frozen).
+
+        Returns:
+          ({'hypernet': ..., + 'encoder' when `train_encoder`}, {'base': ..., + the other parts of
+          `base_logical_axes()`}).
+        """
         boxed = jax.eval_shape(lambda: self.hyper.init(jax.random.PRNGKey(0), *self._dummy_instruction())["params"])
         trainable = {"hypernet": nn.get_partition_spec(boxed)}
         base_axes = super().base_logical_axes()
@@ -231,13 +283,34 @@ class TAGIDistillation(LanguageModel):
 
     # ---------------------------------------------------------------- the hypernetwork
     def encoder_params(self, trainable: PyTree, frozen: PyTree) -> PyTree:
+        """The instruction encoder's params.
+
+        Args:
+          trainable: the trainable params.
+          frozen: the frozen params.
+
+        Returns:
+          `trainable['encoder']` when `train_encoder`, else the frozen MiniLM (encoder="minilm") or base
+          params under `jax.lax.stop_gradient`.
+        """
         if self.train_encoder:
             return trainable["encoder"]
         params = frozen["encoder"] if self.hypernet.encoder == "minilm" else frozen["base"]
         return jax.lax.stop_gradient(params)
 
     def emit_lora(self, trainable: PyTree, frozen: PyTree, ids_GxT: Array, mask_GxT: Array):
-        """(LoRA with leaves (G, ...), fused instruction states (G, T, D) or None): one pass per task."""
+        """(LoRA with leaves (G, ...), fused instruction states (G, T, D) or None): one pass per task.
+
+        Args:
+          trainable: the trainable params ({'hypernet', optionally 'encoder'}).
+          frozen: the frozen params.
+          ids_GxT: integer instruction token ids (G, T), one row per task.
+          mask_GxT: (G, T), 1 on instruction tokens.
+
+        Returns:
+          (LoraWeights with float32 leaves (G, D_in, r) / (G, r, D_out) and the spec's rank and alpha,
+          float32 instruction states (G, T, D) for T5 fusion when `hypernet.fusion`, else None).
+        """
         h_GxTxE = hyper_lib.encode_instruction(self.hypernet.encoder, self.encoder_model,
                                                self.encoder_params(trainable, frozen), ids_GxT, mask_GxT)
         out = self.hyper.apply({"params": trainable["hypernet"]}, h_GxTxE, mask_GxT, with_fusion=self.hypernet.fusion)
@@ -246,6 +319,22 @@ class TAGIDistillation(LanguageModel):
     # ---------------------------------------------------------------- the loss
     def student_logits(self, params: PyTree, batch: Mapping[str, Array], lora: LoraWeights,
                        fused_GxTxD: Array | None) -> Array:
+        """The student's logits: the input without the instruction, run with the generated LoRA.
+
+        Args:
+          params: the base params.
+          batch: a TAGI batch (`jaxlm.features`); with fusion it needs `encoder_segment_ids`,
+            `decoder_segment_ids`, `task_index` and `instruction_mask`.
+          lora: per-example adapters, leaves (B, ...).
+          fused_GxTxD: instruction states (G, T, D) to join to the T5 encoder output (each example
+            takes its task's row via `task_index`), or None for no fusion.
+
+        Returns:
+          float32 logits (B, L, V) (T5: (B, Ld, V)).
+
+        Raises:
+          KeyError: a required feature is missing.
+        """
         if fused_GxTxD is None:
             return self.logits(params, batch, lora)
         task_B = batch["task_index"]
@@ -310,6 +399,29 @@ class TAGIDistillation(LanguageModel):
         return losses.safe_mean(total, count)
 
     def loss(self, trainable: PyTree, frozen: PyTree, batch: Mapping[str, Array], rng: Array) -> tuple[Array, dict]:
+        """w_ce L_ce + w_kl L_kl + w_ins L_ins of a TAGI batch (see the module docstring).
+
+        Each term is a mean: L_ce and L_kl token-weighted (nats per target token, L_kl x T^2), L_ins
+        over the tasks that have a LoRA teacher. L_kl is computed only when w_kl > 0, L_ins only when
+        w_ins > 0.
+
+        Args:
+          trainable: {'hypernet', optionally 'encoder'} params.
+          frozen: {'base', optionally 'teachers', 'kl_teacher', 'encoder'} params.
+          batch: a TAGI batch: G tasks x B/G examples with `instruction_tokens` (G, T),
+            `instruction_mask` (G, T), `task_index` (B,) in [0, G), the `decoder_*` (/ `encoder_*`)
+            features, and for L_kl the `teacher_*` rows or `teacher_topk_*` arrays, for L_ins
+            `teacher_index` (G,) (-1: no teacher).
+          rng: unused.
+
+        Returns:
+          (float32 total loss, {'loss_ce', 'loss_kl' / 'loss_ins' when computed, 'accuracy':
+          token-weighted argmax accuracy of the student}).
+
+        Raises:
+          ConfigError: a TAGI feature is missing; w_kl > 0 and the batch has neither `teacher_*` nor
+            `teacher_topk_*` features; w_ins > 0 and the teachers adapt none of the generated modules.
+        """
         del rng
         for name in ("instruction_tokens", "instruction_mask", "task_index"):
             if name not in batch:
@@ -332,7 +444,21 @@ class TAGIDistillation(LanguageModel):
 
     # ---------------------------------------------------------------- export
     def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
-        """The hypernetwork export at `output` (`jaxlm.checkpoints.hypernet`; the loop writes RUN/hypernet/)."""
+        """The hypernetwork export at `output` (`jaxlm.checkpoints.hypernet`; the loop writes RUN/hypernet/).
+
+        Args:
+          output: the directory to write (atomically).
+          trainable: the trainable params.
+          frozen: the frozen params; `frozen['base']` is written to `output/base/` unless `pretrained`
+            is a HF directory on disk (then the export points at it).
+          merged: must be False.
+
+        Returns:
+          The written directory.
+
+        Raises:
+          ConfigError: `merged=True` (the adapter depends on the instruction).
+        """
         if merged:
             raise ConfigError("TAGIDistillation: merged=True is not defined (the adapter depends on the instruction)")
         return save_hypernet(output, self, jax.device_get(trainable), jax.device_get(frozen))
