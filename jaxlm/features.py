@@ -20,7 +20,7 @@ Encoder-decoder (T5):
 Optional, either layout:
   task_index             int32 (B,)    index of the example's task in the run's task list
                                        (selects a per-task LoRA teacher / a cached generated adapter)
-TAGI (grouped batches, jaxlm/data/tagi_data.py): G tasks x B/G examples; task_index then indexes G.
+TAGI (grouped batches, jaxlm/data/tagi_batches.py): G tasks x B/G examples; task_index then indexes G.
   instruction_tokens     int32 (G, T)  each task's instruction, read ONCE per task by the hypernetwork
   instruction_mask       int32 (G, T)  1 on instruction tokens, 0 on padding
   teacher_index          int32 (G,)    the task's adapter in a LoRA teachers stack, -1 = none

@@ -19,7 +19,7 @@ def test_core_modules_and_gin_parsing_do_not_import_tensorflow():
         "import sys, importlib\n"
         f"for m in {CORE_MODULES!r}: importlib.import_module(m)\n"
         "from jaxlm.experiment.gin_config import parse_config\n"
-        "parse_config(['experiments/smollm2_lora_superni.gin'])\n"  # names seqio data, must not load it
+        "parse_config(['jaxlm/configs/smollm2_lora_superni.gin'])\n"  # names seqio data, must not load it
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'seqio'))\n"
         "print('LOADED', bad[:5])\n"
         "sys.exit(1 if bad else 0)\n"

@@ -1,4 +1,4 @@
-"""`jaxlm demo` end to end at miniature size (experiments/tests/tiny_demo.gin): every stage runs, the
+"""`jaxlm demo` end to end at miniature size (jaxlm/configs/tests/tiny_demo.gin): every stage runs, the
 run directory holds what the README promises, and a rerun resumes instead of redoing work."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def demo_run(tmp_path_factory, shared_data):
     from jaxlm.cli import main
 
     run = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--workdir", str(run), "--gin_file", "experiments/tests/tiny_demo.gin",
+    assert main(["demo", "--workdir", str(run), "--gin_file", "jaxlm/configs/tests/tiny_demo.gin",
                  f"--gin.eval_sweep.data_dir='{shared_data}'"]) == 0
     yield run
     gin.clear_config()  # the demo's last parse binds configurables (CrossTask.sources, ...) other tests build
@@ -60,7 +60,7 @@ def test_demo_rerun_resumes_without_redoing(demo_run, capsys):
     from jaxlm.cli import main
 
     before = (demo_run / "results.jsonl").read_text()
-    assert main(["demo", "--workdir", str(demo_run), "--gin_file", "experiments/tests/tiny_demo.gin",
+    assert main(["demo", "--workdir", str(demo_run), "--gin_file", "jaxlm/configs/tests/tiny_demo.gin",
                  "--stages", "base,tagi,rewrite,smollm2"]) == 0
     out = capsys.readouterr().out
     assert "base: exists" in out and "tagi: exists" in out and "3 cells (0 run)" in out

@@ -1,4 +1,4 @@
-"""Evaluation sweeps (experiments/tests/tiny_eval.gin: a tiny random Llama with SmolLM2's tokenizer on real
+"""Evaluation sweeps (jaxlm/configs/tests/tiny_eval.gin: a tiny random Llama with SmolLM2's tokenizer on real
 Super-NI and BBH tasks): a partial sweep plus a torn results line, rerun, equals one uninterrupted
 run; predictions, summary tables, plots and the operative config are written; `jaxlm eval` works."""
 
@@ -14,7 +14,7 @@ import pytest
 from jaxlm.eval import report
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "experiments/tests/tiny_eval.gin")
+TINY = str(REPO / "jaxlm/configs/tests/tiny_eval.gin")
 
 
 def _parse(shared_data, *extra):

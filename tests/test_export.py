@@ -17,7 +17,7 @@ SCORE_ROWS = [{"input_ids": [3, 17, 42, 9], "target_ids": [57, 5, 12, 60]},  # i
 
 def _train(tmp_path, gin_file, name, steps=6):
     workdir = tmp_path / name
-    assert main(["train", f"--gin_file=experiments/tests/{gin_file}", f"--gin.NUM_STEPS={steps}",
+    assert main(["train", f"--gin_file=jaxlm/configs/tests/{gin_file}", f"--gin.NUM_STEPS={steps}",
                  "--gin.train.checkpoint_every=3", "--workdir", str(workdir)]) == 0
     return workdir
 

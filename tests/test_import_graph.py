@@ -1,6 +1,7 @@
 """The package's layers import only downward and no module imports itself back through others.
 
-Layer order (low to high): ground (errors, files, features, buckets, sharding, distributed, jsonl)
+Layer order (low to high): ground (errors, files, features, buckets, sharding, distributed, jsonl;
+configs holds gin files only)
 -> models -> checkpoints -> data -> train -> eval -> experiment -> commands -> cli / launch / the
 package facade. Every `import` counts, function-level ones included (`ast`, not runtime), so a lazy
 import against the grain fails here too, naming the edge.
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxlm"
-GROUND = ("errors", "files", "features", "buckets", "sharding", "distributed", "jsonl")
+GROUND = ("errors", "files", "features", "buckets", "sharding", "distributed", "jsonl", "configs")
 LAYERS = ("ground", "models", "checkpoints", "data", "train", "eval", "experiment", "commands", "top")
 TOP = ("jaxlm", "jaxlm.cli", "jaxlm.launch")
 
@@ -164,3 +165,21 @@ def test_loading_a_tokenizer_never_imports_tensorflow():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'seqio')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_gin_files_ship_in_the_package_and_resolve_from_any_directory(tmp_path, monkeypatch):
+    """Every gin experiment lives under jaxlm/configs (package data), and `--gin_file=jaxlm/configs/...`
+    with its includes parses from a directory that is not the checkout."""
+    import tomllib
+
+    from jaxlm.experiment.gin_config import parse_config
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    assert "configs/**/*.gin" in config["tool"]["setuptools"]["package-data"]["jaxlm"]
+    shipped = sorted((PACKAGE / "configs").rglob("*.gin"))
+    assert len(shipped) >= 40
+    monkeypatch.chdir(tmp_path)
+    parse_config(["jaxlm/configs/tests/tiny_lora.gin"])  # includes models/, runs/ and tests/ files
+    import gin
+
+    assert gin.query_parameter("%LORA_RANK") == 4

@@ -18,7 +18,7 @@ from jaxlm.experiment.gin_config import parse_config
 from jaxlm.distributed import data_shard, detect_cluster, global_batch, initialize_distributed
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = "experiments/tests/tiny_lm.gin"
+TINY = "jaxlm/configs/tests/tiny_lm.gin"
 MESH = "data=2,fsdp=4"  # fsdp spans both processes: every step all-gathers params across them
 BINDINGS = [f"train.mesh_shape = '{MESH}'", "train.log_every = 1", "train.num_steps = 4"]
 

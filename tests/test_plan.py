@@ -14,7 +14,7 @@ from jaxlm.experiment.gin_config import parse_config
 from jaxlm.train.plan import GIB, abstract_batch, plan_run
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = "experiments/tests/tiny_lm.gin"
+TINY = "jaxlm/configs/tests/tiny_lm.gin"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT = "experiments/tests/tiny_lm.gin"
+EXPERIMENT = "jaxlm/configs/tests/tiny_lm.gin"
 
 
 def _env() -> dict:

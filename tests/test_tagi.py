@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from jaxlm.checkpoints.instruction_codec import text_codec
-from jaxlm.data import tagi_data as td
+from jaxlm.data import tagi_batches as tb
+from jaxlm.data import tagi_tasks as tt
 from jaxlm.data.string_rewrite import RewriteConfig, rewrite_tasks
 from jaxlm.errors import ConfigError, UsageError
 from jaxlm.models.hypernet import HypernetConfig
@@ -28,7 +29,7 @@ def _batches(**kw):
     args = {"batch_size": 8, "tasks_per_batch": 4, "max_input_len": 32, "max_target_len": 16,
             "max_instruction_len": 16, "buckets": (16, 32)}
     args.update(kw)
-    return td.tagi_batches(td.rewrite_tagi_tasks(RULES), text_codec("bytes"), **args)
+    return tb.tagi_batches(tt.rewrite_tagi_tasks(RULES), text_codec("bytes"), **args)
 
 
 def test_grouped_batches_layout_and_exact_resume():
@@ -36,7 +37,7 @@ def test_grouped_batches_layout_and_exact_resume():
     b = next(it)
     assert b["instruction_tokens"].shape[0] == 4 and b["decoder_input_tokens"].shape == (8, 32)
     np.testing.assert_array_equal(b["task_index"], [0, 0, 1, 1, 2, 2, 3, 3])
-    tasks = {t.name: t for t in td.rewrite_tagi_tasks(RULES)}
+    tasks = {t.name: t for t in tt.rewrite_tagi_tasks(RULES)}
     names = it.batch_tasks({**it.state(), "step": 0, "task_draws": 0, "counters": [0] * len(tasks)})
     assert len(set(names)) == 4  # G distinct tasks within a task epoch
     decode = text_codec("bytes").decode
@@ -69,11 +70,11 @@ def test_global_task_index_and_passages(tmp_path):
     b = next(it)
     assert "instruction_tokens" not in b and "teacher_decoder_input_tokens" not in b
     assert b["task_index"].max() >= 4  # the task's place in the task list, not in the batch
-    td.write_passages(rewrite_tasks(RULES, part="train"), tmp_path)
-    passages = td.passage_tagi_tasks(tmp_path, first_fraction=0.5, context_tokens=3, min_tokens=8)
+    tt.write_passages(rewrite_tasks(RULES, part="train"), tmp_path)
+    passages = tt.passage_tagi_tasks(tmp_path, first_fraction=0.5, context_tokens=3, min_tokens=8)
     p = passages[1]
     codec = text_codec("bytes")
-    text = td.read_passages(tmp_path)[1]
+    text = tt.read_passages(tmp_path)[1]
     ids = codec.encode(text)
     assert p.instruction.tolist() + p.student.targets(0).tolist()[:-1] == ids  # first segment + continuation
     assert p.student.inputs(0).tolist() == p.instruction.tolist()[-3:]
@@ -124,9 +125,9 @@ def test_bad_config_raises_config_error_naming_the_binding(tmp_path):
     from jaxlm.experiment.gin_config import parse_config
 
     with pytest.raises(ConfigError, match="w_typo"):
-        parse_config(["experiments/tests/tiny_tagi.gin"], ["TAGIDistillation.w_typo = 1.0"])
+        parse_config(["jaxlm/configs/tests/tiny_tagi.gin"], ["TAGIDistillation.w_typo = 1.0"])
     with pytest.raises(ConfigError, match="tagi_data.source"):
-        from jaxlm.experiment.gin_config import tagi_data
+        from jaxlm.experiment.data_sources import tagi_data
 
         tagi_data(source="nope", batch_size=2, tasks_per_batch=1)
 
@@ -144,7 +145,7 @@ def test_two_stage_run_lowers_each_loss_exports_and_matches_peft(tmp_path):
     from jaxlm.checkpoints.peft import load_peft_adapter
 
     work = tmp_path / "run"
-    assert cli.main(["train", "--gin_file=experiments/tests/tiny_tagi.gin", "--workdir", str(work)]) == 0
+    assert cli.main(["train", "--gin_file=jaxlm/configs/tests/tiny_tagi.gin", "--workdir", str(work)]) == 0
     first_last = {}
     for stage, keys in (("teachers", ["loss"]), ("stage1", ["loss_ce"]), ("stage2", ["loss_ce", "loss_kl", "loss_ins"])):
         rows = [json.loads(line) for line in (work / stage / "metrics.jsonl").read_text().splitlines()]
@@ -160,7 +161,7 @@ def test_two_stage_run_lowers_each_loss_exports_and_matches_peft(tmp_path):
     hyper = load_hypernet(work)
     assert config["base_model_name_or_path"] == str(hyper.base_model_dir)
     lora = load_peft_adapter(out, hyper.base)
-    ids = np.asarray([td._byte_encode("abcab=")])
+    ids = np.asarray([text_codec("bytes").encode("abcab=")])
     ours = np.asarray(hyper.base.model.apply({"params": hyper.base.params}, jnp.asarray(ids), lora=lora))
     base = np.asarray(hyper.base.model.apply({"params": hyper.base.params}, jnp.asarray(ids)))
     assert np.abs(ours - base).max() > 1e-4  # the generated adapter changes the model
@@ -180,7 +181,7 @@ def test_stage2_resume_reproduces_uninterrupted_losses(tmp_path):
     from jaxlm.experiment.runner import tagi_pipeline
 
     def run(workdir, steps, stages=("stage2",)):
-        parse_config(["experiments/tests/tiny_tagi.gin"], [
+        parse_config(["jaxlm/configs/tests/tiny_tagi.gin"], [
             f"tagi_pipeline.stages = {stages!r}", f"stage2/train.num_steps = {steps}",
             "stage2/TAGIDistillation.w_ins = 0.0", "train.checkpoint_every = 2", "make_optimizer.total_steps = 4"])
         return tagi_pipeline(workdir)
@@ -201,10 +202,10 @@ def test_cached_topk_teacher_with_k_equal_v_matches_in_step_kl(tmp_path):
     objective = _objective(w_kl=1.0)
     trainable, frozen = objective.init(jax.random.PRNGKey(0))
     trainable = jax.tree_util.tree_map(lambda x: x + 0.05 * jnp.sign(x + 0.1), trainable)  # dW != 0
-    tasks = td.rewrite_tagi_tasks(RULES)
+    tasks = tt.rewrite_tagi_tasks(RULES)
     teacher = Pretrained("llama", TINY, frozen["base"], None, "tiny")
     path = write_teacher_topk(tmp_path / "topk.npz", tasks, teacher, k=TINY.vocab_size, max_targets=16, batch_size=4)
-    cached = td.load_teacher_topk(path)
+    cached = tb.load_teacher_topk(path)
     assert set(cached) == {t.name for t in tasks} and cached[tasks[0].name][0].shape[1:] == (16, TINY.vocab_size)
     in_step = next(_batches())
     with_topk = next(_batches(teacher_topk=cached))
@@ -237,7 +238,7 @@ def test_t5_with_instruction_fusion_trains_and_paper_config_builds():
     assert np.isfinite(float(loss)) and float(metrics["loss_kl"]) >= 0
     assert float(optax_norm(grads)) > 0
 
-    parse_config(["experiments/tagi/paper_t5.gin"])
+    parse_config(["jaxlm/configs/tagi/paper_t5.gin"])
     with gin.config_scope("stage1"):  # stage 2 also needs the teachers dir that the teachers stage writes
         paper = gin.get_configurable(TAGIDistillation)()
     assert paper.hypernet.fusion and paper.spec.targets == ("q", "v") and paper.spec.rank == 32

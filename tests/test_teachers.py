@@ -18,7 +18,7 @@ from jaxlm.train.synthetic import SyntheticBatches
 @pytest.fixture(scope="module")
 def teachers_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("teachers")
-    parse_config(["experiments/tests/tiny_teachers.gin"], ["train.checkpoint_every = None", "train.log_every = 10"])
+    parse_config(["jaxlm/configs/tests/tiny_teachers.gin"], ["train.checkpoint_every = None", "train.log_every = 10"])
     try:
         summary = train(workdir=workdir)
         objective = gin.query_parameter("train.objective").scoped_configurable_fn()

@@ -31,7 +31,7 @@ def clean_gin():
 
 
 def test_tiny_experiment_logs_every_step_and_resumes_from_its_checkpoint(tmp_path):
-    parse_config(["experiments/tests/tiny_lm.gin"], ["NUM_STEPS = 30", "train.checkpoint_every = 10"])
+    parse_config(["jaxlm/configs/tests/tiny_lm.gin"], ["NUM_STEPS = 30", "train.checkpoint_every = 10"])
     first = train(workdir=tmp_path)
     assert first["step"] == 30 and first["resumed_from"] is None
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -44,7 +44,7 @@ def test_tiny_experiment_logs_every_step_and_resumes_from_its_checkpoint(tmp_pat
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
     # A longer run in the same workdir continues from step 30 (schedule as configured for 40 steps).
-    parse_config(["experiments/tests/tiny_lm.gin"], ["NUM_STEPS = 40", "train.checkpoint_every = 10"])
+    parse_config(["jaxlm/configs/tests/tiny_lm.gin"], ["NUM_STEPS = 40", "train.checkpoint_every = 10"])
     second = train(workdir=tmp_path)
     assert second["resumed_from"] == 30 and sorted(second["losses"]) == list(range(31, 41))
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 41))
@@ -88,18 +88,18 @@ def test_nan_policy_skip_counts_logs_and_does_not_apply_the_update(tmp_path):
 
 def test_gin_typos_fail_before_any_compute_naming_the_binding(tmp_path, capsys):
     with pytest.raises(ConfigError, match="num_stepz"):
-        parse_config(["experiments/tests/tiny_lm.gin"], ["train.num_stepz = 3"])
+        parse_config(["jaxlm/configs/tests/tiny_lm.gin"], ["train.num_stepz = 3"])
     with pytest.raises(ConfigError, match="trian"):
-        parse_config(["experiments/tests/tiny_lm.gin"], ["trian.num_steps = 3"])
+        parse_config(["jaxlm/configs/tests/tiny_lm.gin"], ["trian.num_steps = 3"])
     bad_file = tmp_path / "bad.gin"
-    bad_file.write_text("include 'experiments/tests/tiny_lm.gin'\nmake_optimizer.learning_rat = 0.1\n")
+    bad_file.write_text("include 'jaxlm/configs/tests/tiny_lm.gin'\nmake_optimizer.learning_rat = 0.1\n")
     with pytest.raises(ConfigError, match="learning_rat"):
         parse_config([str(bad_file)])
     with pytest.raises(ConfigError, match="no_such.gin"):
         parse_config(["experiments/no_such.gin"])
 
     start = time.perf_counter()
-    status = main(["train", "--gin_file=experiments/tests/tiny_lm.gin", "--gin.LoraSpec.rnak=4",
+    status = main(["train", "--gin_file=jaxlm/configs/tests/tiny_lm.gin", "--gin.LoraSpec.rnak=4",
                    "--workdir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err[-1].startswith("jaxlm: error:") and "rnak" in err[-1]
@@ -107,7 +107,7 @@ def test_gin_typos_fail_before_any_compute_naming_the_binding(tmp_path, capsys):
 
 
 def test_missing_required_binding_is_a_config_error(tmp_path, capsys):
-    status = main(["train", "--gin_file=experiments/models/tiny_llama.gin", "--workdir", str(tmp_path / "run")])
+    status = main(["train", "--gin_file=jaxlm/configs/models/tiny_llama.gin", "--workdir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert status == 2 and "train.objective" in err and "train.data" in err
 
@@ -143,7 +143,7 @@ def test_every_experiment_file_parses():
     """Experiments (model file + run file + macros) parse on their own; run files need a model's macros;
     fragments (data sources, TAGI stage and ablation switches) are included by experiments; eval
     sweeps bind `eval_sweep` instead of `train`."""
-    files = sorted(REPO.glob("experiments/**/*.gin"))
+    files = sorted(REPO.glob("jaxlm/configs/**/*.gin")) + sorted(REPO.glob("experiments/studies/**/*.gin"))
     assert len(files) >= 30
     tagi_fragments = {"stages.gin", "rewrite_data.gin", "rewrite_model.gin"}
     # Demo settings and the test-size override are parsed with every demo stage, not run alone.
@@ -155,10 +155,10 @@ def test_every_experiment_file_parses():
         )
         if "runs" in f.parts:  # run files declare their budget macros %gin.REQUIRED
             with pytest.raises(ConfigError, match="REQUIRED"):
-                parse_config(["experiments/models/tiny_llama.gin", str(f)])
-            parse_config(["experiments/models/tiny_llama.gin", str(f)], RUN_FILE_MACROS)
+                parse_config(["jaxlm/configs/models/tiny_llama.gin", str(f)])
+            parse_config(["jaxlm/configs/models/tiny_llama.gin", str(f)], RUN_FILE_MACROS)
         elif fragment:
-            parse_config(["experiments/models/tiny_llama.gin", str(f)])
+            parse_config(["jaxlm/configs/models/tiny_llama.gin", str(f)])
         else:
             parse_config([str(f)])  # unknown names, parameters or macros would raise ConfigError
         if "models" in f.parts or fragment:
@@ -168,4 +168,4 @@ def test_every_experiment_file_parses():
                 if _bound(name)]
         assert runs, f
     with pytest.raises(ConfigError, match="MODEL"):
-        parse_config(["experiments/runs/finetune.gin"])  # a run file without a model file
+        parse_config(["jaxlm/configs/runs/finetune.gin"])  # a run file without a model file

@@ -7,7 +7,7 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, its own
 `jaxlm.distributed.initialize_distributed()` before the command runs.
 
     python tpu_gpu_launch/local_multiprocess.py --num_processes 2 --devices_per_process 4 -- \\
-        jaxlm train --gin_file experiments/tests/tiny_lm.gin --gin.train.mesh_shape="'data=2,fsdp=4'" \\
+        jaxlm train --gin_file jaxlm/configs/tests/tiny_lm.gin --gin.train.mesh_shape="'data=2,fsdp=4'" \\
         --gin.train.num_steps=20 --workdir /tmp/tiny_2proc
 
 `-- jaxlm ARGS...` runs `python -m jaxlm.launch ARGS...` (initialise, then the jaxlm CLI)

@@ -4,7 +4,7 @@
 # worker hostnames and ids), via jaxlm.distributed.initialize_distributed().
 #
 #   tpu_gpu_launch/tpu_vm_pod.sh TPU_NAME ZONE GIN_FILE WORKDIR [--gin.KEY=value ...]
-#   e.g. tpu_gpu_launch/tpu_vm_pod.sh my-v5e-256 us-west4-a experiments/llama_7b_finetune.gin \
+#   e.g. tpu_gpu_launch/tpu_vm_pod.sh my-v5e-256 us-west4-a jaxlm/configs/llama_7b_finetune.gin \
 #        gs://my-bucket/runs/llama7b --gin.train.mesh_shape="'data=8,fsdp=32'"
 #
 # Before the first run, sync the repo to every worker (JAXLM_SYNC=1 does it with scp) and install

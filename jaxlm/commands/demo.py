@@ -18,8 +18,8 @@ def cmd_demo(args: Any) -> int:
 def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
     """Add `demo`; return {"demo": handler}."""
     demo = gin_subparser(subparsers, "demo", help="the main job: the instruction-learning study on embedded "
-                         "defaults (experiments/demo/*.gin)")
+                         "defaults (jaxlm/configs/demo/*.gin)")
     demo.add_argument("--workdir", default="runs/demo", help="run directory (a rerun resumes it)")
-    add_gin_flags(demo, file_help="extra gin file parsed after every stage's own, e.g. experiments/tests/tiny_demo.gin")
+    add_gin_flags(demo, file_help="extra gin file parsed after every stage's own, e.g. jaxlm/configs/tests/tiny_demo.gin")
     demo.add_argument("--stages", default=None, help="comma-separated subset of rules,base,tagi,rewrite,smollm2")
     return {"demo": cmd_demo}

@@ -25,8 +25,8 @@ each group also names the benchmark's metric for its category ("metric") and its
 
 EVAL_HELP = """\
 Evaluation sweep from gin files: a grid of models x methods x tasks (x seeds).
-  jaxlm eval --gin_file=experiments/eval/smollm2_superni.gin --workdir runs/eval_superni
-  jaxlm eval --gin_file=experiments/tests/tiny_eval.gin --gin.TaskSet.max_instances=4 --workdir /tmp/e
+  jaxlm eval --gin_file=jaxlm/configs/eval/smollm2_superni.gin --workdir runs/eval_superni
+  jaxlm eval --gin_file=jaxlm/configs/tests/tiny_eval.gin --gin.TaskSet.max_instances=4 --workdir /tmp/e
 Writes DIR/results.jsonl (one line per finished cell, appended at once), DIR/predictions/<cell>.jsonl,
 DIR/summary.md, DIR/summary.csv, DIR/plots/*.png and DIR/config.gin. Rerunning with the same
 --workdir skips finished cells. Prints the sweep summary (cells run/skipped, compile count) as JSON.

@@ -15,7 +15,7 @@ from jaxlm.errors import UsageError
 
 TRAIN_HELP = """\
 Train from gin files, t5x style:
-  jaxlm train --gin_file=experiments/tests/tiny_lm.gin --gin.train.num_steps=50 --workdir runs/tiny
+  jaxlm train --gin_file=jaxlm/configs/tests/tiny_lm.gin --gin.train.num_steps=50 --workdir runs/tiny
 Writes DIR/config.gin (operative config), DIR/metrics.jsonl (one line per logged step),
 DIR/tensorboard/ and DIR/checkpoints/; rerunning with the same --workdir resumes from the last
 complete checkpoint. String values need gin quotes: --gin.train.mesh_shape="'data=2,fsdp=4'".

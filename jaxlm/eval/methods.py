@@ -359,7 +359,7 @@ class Adapter(Method):
 
     input_format: "none" (the bare input) or "query" (Tk's "Now complete the following example -
     Input: ... Output: "); None = what the hypernetwork's student saw in training, else "none". The
-    hypernetwork reads the instruction as it did in training (`tagi_data.instruction_for`).
+    hypernetwork reads the instruction as it did in training (`jaxlm.data.tagi_tasks.instruction_for`).
     """
 
     teachers: str | None = None
@@ -400,7 +400,7 @@ class Adapter(Method):
             if cache.is_file():
                 raw = serialization.msgpack_restore(cache.read_bytes())
                 return lora_lib.LoraWeights(raw["params"], int(raw["rank"]), float(raw["alpha"]))
-        from jaxlm.data.tagi_data import instruction_for
+        from jaxlm.data.tagi_tasks import instruction_for
 
         hyper = self.loaded_hypernet()
         lora = hyper.adapters([instruction_for(task, hyper.instruction_format["teacher_format"])])

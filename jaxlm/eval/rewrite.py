@@ -102,7 +102,7 @@ def evaluate_method(engine: Any, tasks: Sequence[TaskData], method: str, *, lora
 @gin.configurable
 @dataclass(frozen=True)
 class RewriteEval:
-    """The held-out-rule evaluation as a gin experiment (experiments/demo/eval_rewrite.gin).
+    """The held-out-rule evaluation as a gin experiment (jaxlm/configs/demo/eval_rewrite.gin).
 
     `rules`: the RewriteConfig the base was trained on (its held-out part is evaluated, `max_rules` of
     them); `base`: the base HF dir; `hypernet`: a TAGI run or hypernet dir (method "hypernet");

@@ -9,7 +9,7 @@ budgets): a rerun with changed settings redoes that cell, and the reports use it
 At the end: `summary.md` / `summary.csv` (method x task group, `jaxlm.eval.report`), `plots/*.png`,
 and `config.gin` (the operative gin config).
 
-    jaxlm eval --gin_file=experiments/eval/smollm2_superni.gin --workdir runs/eval_superni
+    jaxlm eval --gin_file=jaxlm/configs/eval/smollm2_superni.gin --workdir runs/eval_superni
 """
 
 from __future__ import annotations

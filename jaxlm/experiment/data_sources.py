@@ -4,7 +4,7 @@ they import only when a run calls them (parsing a config never loads seqio or Te
   mixture_batches  batches of a registered seqio Mixture/Task (`jaxlm.data.batches.build_mixture_batches`)
   task_mixture     registers a source's tasks + a Mixture and returns its name
   rewrite_data     the string-rewrite diversity mixture
-  tagi_data        TAGI grouped batches (`jaxlm.data.tagi_batches`)
+  tagi_data        TAGI grouped batches (`jaxlm.data.tagi_batches` over `jaxlm.data.tagi_tasks`)
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def tagi_data(
     shard_index: int = 0,
     num_shards: int = 1,
 ) -> Any:
-    """TAGI grouped batches (`jaxlm.data.tagi_data`): G = tasks_per_batch tasks x B/G examples.
+    """TAGI grouped batches (`jaxlm.data.tagi_batches` over `jaxlm.data.tagi_tasks`): G = tasks_per_batch tasks x B/G examples.
 
     source "rewrite": the string-rewrite rules of `rules` (a RewriteConfig; byte vocab);
     "superni": the Super-NI tasks of `data_dir` (`part`, `names`) tokenized with `tokenizer`;
@@ -146,35 +146,37 @@ def tagi_data(
     per-task LoRA teachers on the student inputs with LoRATeachers); `max_tasks` keeps the first N tasks.
     teacher_topk: a `.npz` of cached teacher top-k log-probs (`jaxlm.train.tagi.write_teacher_topk`)."""
     from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS
-    from jaxlm.data import tagi_data as td
+    from jaxlm.checkpoints.instruction_codec import text_codec
+    from jaxlm.data import tagi_batches as tb
+    from jaxlm.data import tagi_tasks as tt
 
     if source not in TAGI_SOURCES:
         raise ConfigError(f"tagi_data.source={source!r}: expected one of {TAGI_SOURCES}")
-    codec = td.text_codec(tokenizer)
+    codec = text_codec(tokenizer)
     if source == "rewrite":
         if rules is None:
             raise ConfigError("tagi_data.source='rewrite' needs tagi_data.rules = @RewriteConfig()")
-        tasks = td.rewrite_tagi_tasks(rules, part=part or "train", instruction=rewrite_instruction,
+        tasks = tt.rewrite_tagi_tasks(rules, part=part or "train", instruction=rewrite_instruction,
                                       teachers_dir=teachers_dir, max_examples=max_instances)
     elif source == "superni":
         if data_dir is None:
             raise ConfigError("tagi_data.source='superni' needs tagi_data.data_dir")
-        tasks = td.superni_tagi_tasks(data_dir, tokenizer=tokenizer, part=part, names=names,
+        tasks = tt.superni_tagi_tasks(data_dir, tokenizer=tokenizer, part=part, names=names,
                                       teacher_format=teacher_format, student_format=student_format,
                                       max_instances=max_instances, teachers_dir=teachers_dir, codec=codec,
                                       skip_instances=skip_instances)
     else:
         directory = passages_dir or str(_passages_from_tasks(rules, data_dir, part, names, max_instances))
-        tasks = td.passage_tagi_tasks(directory, field=passages_field, first_fraction=first_fraction,
+        tasks = tt.passage_tagi_tasks(directory, field=passages_field, first_fraction=first_fraction,
                                       context_tokens=context_tokens, codec=codec)
     if max_tasks is not None:
         tasks = tasks[:max_tasks]
-    return td.tagi_batches(tasks, codec, batch_size=batch_size, tasks_per_batch=tasks_per_batch,
+    return tb.tagi_batches(tasks, codec, batch_size=batch_size, tasks_per_batch=tasks_per_batch,
                            layout=layout, max_input_len=max_input_len, max_target_len=max_target_len,
                            max_instruction_len=max_instruction_len, buckets=tuple(buckets or DEFAULT_LENGTH_BUCKETS),
                            teacher_features=source != "passages" and not global_task_index,
                            global_task_index=global_task_index, seed=seed,
-                           teacher_topk=td.load_teacher_topk(teacher_topk) if teacher_topk else None, shard_index=shard_index,
+                           teacher_topk=tb.load_teacher_topk(teacher_topk) if teacher_topk else None, shard_index=shard_index,
                            num_shards=num_shards)
 
 
@@ -184,7 +186,7 @@ def _passages_from_tasks(rules: Any, data_dir: str | None, part: str | None, nam
     import tempfile
 
     from jaxlm.data.sources import load_tasks
-    from jaxlm.data.tagi_data import write_passages
+    from jaxlm.data.tagi_tasks import write_passages
 
     if rules is None and data_dir is None:
         raise ConfigError("tagi_data.source='passages' needs passages_dir, or rules / data_dir to build them from")

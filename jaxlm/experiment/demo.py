@@ -1,6 +1,6 @@
 """`make demo`: the instruction-learning study end to end on embedded defaults, minutes on a CPU.
 
-Stages, each a gin experiment in experiments/demo/ that reruns alone (`jaxlm train|eval --gin_file=...`)
+Stages, each a gin experiment in jaxlm/configs/demo/ that reruns alone (`jaxlm train|eval --gin_file=...`)
 and each skipped when its output exists, so a killed demo resumes where it stopped:
   rules    generate the string-rewrite rules (setting.gin) -> RUN/rules/{train,heldout}.jsonl
   base     a byte-level Llama from scratch on "x|y|z=" rows (base.gin), then on packed rows that see
@@ -14,7 +14,7 @@ Every result is appended to RUN/results.jsonl as it comes (`jaxlm.jsonl.ResultsL
 last line dropped, rows already there not appended twice); RUN/table.md and RUN/plots/*.png
 (`jaxlm.eval.plots`) at the end.
 `overrides` (extra gin files parsed after each stage's own) rescale every stage at once, e.g.
-experiments/tests/tiny_demo.gin for the test-size run.
+jaxlm/configs/tests/tiny_demo.gin for the test-size run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from jaxlm.errors import UsageError
 from jaxlm.jsonl import ResultsLog, json_line, read_jsonl
 from jaxlm.files import write_atomically
 
-DEMO_DIR = "experiments/demo"
+DEMO_DIR = "jaxlm/configs/demo"
 STAGES = ("rules", "base", "tagi", "rewrite", "smollm2")
 METHOD_LABELS = {
     "no_instruction": "no instruction (\"z=\")",

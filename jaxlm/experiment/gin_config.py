@@ -18,7 +18,9 @@ import gin
 
 from jaxlm.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The directory holding the `jaxlm` package (the checkout's root, or site-packages once installed):
+# `jaxlm/configs/...` gin files and their includes resolve against it from any working directory.
+GIN_ROOT = Path(__file__).resolve().parents[2]
 _REGISTERED = False
 
 
@@ -49,13 +51,13 @@ def register_configurables() -> None:
 
     for cls in (LlamaConfig, T5Config, LoraSpec, RewriteConfig, HypernetConfig):
         gin.external_configurable(cls)
-    gin.add_config_file_search_path(str(REPO_ROOT))
+    gin.add_config_file_search_path(str(GIN_ROOT))
     _REGISTERED = True
 
 
 def find_gin_file(name: str, search_paths: Sequence[str] = ()) -> Path | None:
-    """`name` as given, else under each search path, else under the jaxlm checkout's root; None if absent."""
-    for root in (None, *search_paths, REPO_ROOT):
+    """`name` as given, else under each search path, else under `GIN_ROOT`; None if absent."""
+    for root in (None, *search_paths, GIN_ROOT):
         candidate = Path(name) if root is None else Path(root) / name
         if candidate.is_file():
             return candidate
@@ -66,8 +68,8 @@ def parse_config(gin_files: Sequence[str], bindings: Sequence[str] = (), search_
     """Clear gin, then parse files + bindings.
 
     Args:
-      gin_files: gin files, found as given, then under `search_paths`, then under the checkout's root
-        (their `include`s are looked up the same way).
+      gin_files: gin files, found as given, then under `search_paths`, then under `GIN_ROOT` (so
+        `jaxlm/configs/...` works from any directory; their `include`s are looked up the same way).
       bindings: 'KEY = value' strings applied after the files, in order.
       search_paths: directories to look up gin files and includes in.
 

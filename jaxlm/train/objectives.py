@@ -163,7 +163,8 @@ class LanguageModel:
             return self.base
         return Pretrained(self.config.family, self.config, frozen, None, "random-init")
 
-    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
+    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False,
+               base_model_name_or_path: str | None = None) -> Path:
         """Write the trained model where transformers / peft read it.
 
         Args:
@@ -171,6 +172,8 @@ class LanguageModel:
           trainable: the trained params (the full model, or the LoRA param dict).
           frozen: the frozen params (the base model under LoRA, else {}).
           merged: with LoRA, fold the adapter into the base kernels and write a plain HF directory.
+          base_model_name_or_path: with LoRA, the base the adapter names instead (e.g. a weight-package
+            name `jaxlm --model` resolves); then no base is written beside the adapter.
 
         Returns:
           `output`: a HF directory (config.json, model.safetensors, tokenizer when the base has one)
@@ -195,6 +198,8 @@ class LanguageModel:
         target = self.export_target(frozen)
         if merged:
             return export_hf(target, output, params=lora_lib.merge(frozen, lora))
+        if base_model_name_or_path is not None:
+            return export_peft_adapter(lora, target, output, base_model_name_or_path=base_model_name_or_path)
         base_dir = self._base_dir()
         written_base = base_dir is None
         if written_base:

@@ -6,7 +6,7 @@
              `train_encoder`: a copy of the base, or MiniLM);
   frozen     {"base": base LM} (+ "teachers": the stacked per-task LoRA teachers of a `LoRATeachers`
              directory, + "kl_teacher": another LM as KL teacher, + "encoder": a frozen MiniLM).
-A batch (jaxlm/data/tagi_data.py) holds G tasks x B/G examples; the hypernetwork reads each task's
+A batch (jaxlm/data/tagi_batches.py) holds G tasks x B/G examples; the hypernetwork reads each task's
 instruction ONCE ((G, T) -> LoRA leaves (G, ...)), then every example gathers its task's adapter.
 
 Loss = w_ce L_ce + w_kl L_kl + w_ins L_ins (each logged, every weight a gin binding):
@@ -425,7 +425,7 @@ class TAGIDistillation(LanguageModel):
         del rng
         for name in ("instruction_tokens", "instruction_mask", "task_index"):
             if name not in batch:
-                raise ConfigError(f"TAGIDistillation needs batch[{name!r}]: use the TAGI data (tagi_data.TagiBatches)")
+                raise ConfigError(f"TAGIDistillation needs batch[{name!r}]: use the TAGI data (jaxlm.data.tagi_batches.TagiBatches)")
         lora_G, fused = self.emit_lora(trainable, frozen, batch["instruction_tokens"], batch["instruction_mask"])
         lora_B = lora_lib.per_example(lora_G, batch["task_index"])
         logits_BxLxV = self.student_logits(frozen["base"], batch, lora_B, fused)
@@ -467,10 +467,10 @@ class TAGIDistillation(LanguageModel):
 def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, k: int = 32,
                        max_targets: int = 128, batch_size: int = 8, lora: LoraWeights | None = None) -> Path:
     """Precompute a (large) decoder-only teacher's top-k log-probs at each target token of every
-    example, reading the teacher rows (instruction in context) of `tasks` (tagi_data.TagiTask), and
+    example, reading the teacher rows (instruction in context) of `tasks` (jaxlm.data.tagi_tasks.TagiTask), and
     save them as ONE `.npz` (never JSON): per task `<task>/ids`, `<task>/logprobs` (N, max_targets, k)
     and `<task>/valid` (N, max_targets). Training then reads them through
-    `tagi_data.load_teacher_topk` -> `TagiBatches(teacher_topk=...)` and `losses.topk_kl_distillation`,
+    `tagi_batches.load_teacher_topk` -> `TagiBatches(teacher_topk=...)` and `losses.topk_kl_distillation`,
     with no teacher forward in the step (nor in data loading)."""
     from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length, pad_rows
     from jaxlm.files import write_atomically

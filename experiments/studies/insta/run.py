@@ -126,10 +126,7 @@ def run_dir(work: Path, condition: str, key: str) -> Path:
 def train_runs(work: Path, sel: dict, targets: list[str], conditions: list[str], bindings: list[str]) -> None:
     """One `jaxlm train` of `<condition>.gin` per (condition, selection key); the LoRA to WORK/.../adapter."""
     import gin
-    import jax
 
-    from jaxlm.checkpoints.peft import export_peft_adapter
-    from jaxlm.models.lora import LoraSpec, LoraWeights
     from jaxlm.experiment.gin_config import run_gin_files
 
     order = [(c, SHARED) for c in conditions if SHARED in sel[c]]
@@ -142,9 +139,8 @@ def train_runs(work: Path, sel: dict, targets: list[str], conditions: list[str],
         extra = [f"TASK_NAMES = {names!r}", f"task_mixture.name = 'insta_{cond}_{key.strip('_')}'"]
         t = time.time()
         out = run_gin_files([str(HERE / f"{cond}.gin")], extra + bindings, wd)
-        spec = gin.get_configurable(LoraSpec)()  # the run's bound rank and alpha (gin is still parsed)
-        lora = LoraWeights(jax.device_get(out["state"].params), spec.rank, spec.alpha)
-        export_peft_adapter(lora, base_model(), wd / "adapter", base_model_name_or_path=MODEL)
+        objective = gin.get_bindings("train")["objective"]  # the run's objective (gin is still parsed)
+        objective.export(wd / "adapter", out["state"].params, out["frozen"], base_model_name_or_path=MODEL)
         seconds = time.time() - t
         (wd / "run.json").write_text(json.dumps({"condition": cond, "key": key, "tasks": names, "seconds": round(seconds, 1),
                                                  "loss": out["loss"], "steps": out["step"]}))

@@ -3,11 +3,11 @@
   python experiments/studies/tagi/rewrite_study.py --workdir runs/tagi_rewrite [--phases base,teachers,tagi,eval,report]
 
 Phases (base, teachers and tagi skipped when their output exists):
-  base      CausalLM from scratch on "x|y|z=" rows (experiments/tagi/rewrite_base.gin), exported by the
+  base      CausalLM from scratch on "x|y|z=" rows (jaxlm/configs/tagi/rewrite_base.gin), exported by the
             objective's `export` -> WORK/base_hf
   teachers  LoRA teachers on "z=" rows: the first 100 training rules (for L_ins) and every held-out
             rule (the oracle (c), trained on the held-out rules' own instances)
-  tagi      stage1 + stage2 (experiments/tagi/rewrite_tagi.gin, plus --tagi-binding), then each
+  tagi      stage1 + stage2 (jaxlm/configs/tagi/rewrite_tagi.gin, plus --tagi-binding), then each
             ablation's stage 2
   eval      exact match on the held-out rules of (a) "z=" alone, (b) "x|y|z=", (c) the rule's LoRA
             teacher on "z=", (d) the hypernetwork's adapter for "x|y" on "z=" (and each ablation), by
@@ -27,10 +27,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[3]
 ABLATIONS = {  # name -> (extra gin file, stages)
     "full": (None, None),
-    "no_pretraining": ("experiments/tagi/ablations/no_pretraining.gin", ("stage2",)),
-    "no_ce": ("experiments/tagi/ablations/no_ce.gin", None),
-    "no_kl": ("experiments/tagi/ablations/no_kl.gin", None),
-    "no_ins": ("experiments/tagi/ablations/no_ins.gin", None),
+    "no_pretraining": ("jaxlm/configs/tagi/ablations/no_pretraining.gin", ("stage2",)),
+    "no_ce": ("jaxlm/configs/tagi/ablations/no_ce.gin", None),
+    "no_kl": ("jaxlm/configs/tagi/ablations/no_kl.gin", None),
+    "no_ins": ("jaxlm/configs/tagi/ablations/no_ins.gin", None),
 }
 
 
@@ -48,16 +48,16 @@ def phase_base(work: Path) -> None:
 
     if (work / "base_hf" / "config.json").is_file():
         return
-    out = run_gin(["experiments/tagi/rewrite_base.gin"], [], work / "base")
+    out = run_gin(["jaxlm/configs/tagi/rewrite_base.gin"], [], work / "base")
     gin.get_bindings("train")["objective"].export(work / "base_hf", out["state"].params, out["frozen"])
 
 
 def phase_teachers(work: Path) -> None:
     base = [f"TEACHER_BASE = '{work / 'base_hf'}'"]
     if not (work / "teachers_train" / "teachers" / "teachers.json").is_file():
-        run_gin(["experiments/tagi/rewrite_teachers.gin"], base, work / "teachers_train")
+        run_gin(["jaxlm/configs/tagi/rewrite_teachers.gin"], base, work / "teachers_train")
     if not (work / "teachers_heldout" / "teachers" / "teachers.json").is_file():
-        run_gin(["experiments/tagi/rewrite_teachers.gin"],
+        run_gin(["jaxlm/configs/tagi/rewrite_teachers.gin"],
                 base + ["tagi_data.part = 'test'", "tagi_data.max_tasks = None", "NUM_TEACHERS = 40",
                         "NUM_STEPS = 120"], work / "teachers_heldout")
 
@@ -69,7 +69,7 @@ def phase_tagi(work: Path, names: list[str], extra_bindings: tuple[str, ...] | l
         extra, stages = ABLATIONS[name]
         if (work / name / "stage2" / "hypernet" / "hypernet.json").is_file():
             continue
-        files = ["experiments/tagi/rewrite_tagi.gin"] + ([extra] if extra else [])
+        files = ["jaxlm/configs/tagi/rewrite_tagi.gin"] + ([extra] if extra else [])
         bindings = list(common)
         if name != "full" and stages is None:  # reuse the full run's stage 1 (same pretraining)
             bindings += ["tagi_pipeline.stages = ('stage2',)",
@@ -88,7 +88,7 @@ def phase_eval(work: Path, names: list[str]) -> None:
     from jaxlm.experiment.gin_config import parse_config
     from jaxlm.jsonl import ResultsLog
 
-    parse_config(["experiments/tagi/rewrite_model.gin"])
+    parse_config(["jaxlm/configs/tagi/rewrite_model.gin"])
     config = gin.get_configurable(RewriteConfig)()
     common: dict[str, Any] = {"rules": config, "base": str(work / "base_hf"), "batch_size": 64, "buckets": None,
                               "max_new_tokens": 20}

@@ -2,7 +2,7 @@
 
   python experiments/studies/tagi/superni_study.py --workdir runs/tagi_superni [--phases teachers,tagi,eval]
 
-A few-step CPU version of experiments/tagi/smollm2_superni.gin (budgets below are bindings):
+A few-step CPU version of jaxlm/configs/tagi/smollm2_superni.gin (budgets below are bindings):
   teachers  oracle LoRA teachers of the EVALUATED test tasks, trained on those tasks' instances
             after the evaluated ones (LoRATeachers, student rows = Tk query without instruction)
   tagi      stage 2 only (no pretraining, no L_ins: no training-task teachers at this budget),
@@ -44,7 +44,7 @@ COMMON = [f"DATA_DIR = '{DATA}'", "train.log_every = 1", "train.checkpoint_every
 def phase_teachers(work: Path, n_eval: int, steps: int) -> None:
     if (work / "teachers" / "teachers" / "teachers.json").is_file():
         return
-    run_gin(["experiments/tagi/smollm2_superni.gin"], COMMON + [
+    run_gin(["jaxlm/configs/tagi/smollm2_superni.gin"], COMMON + [
         "tagi_pipeline.stages = ('teachers',)", "teachers/tagi_data.part = 'test'",
         f"teachers/tagi_data.names = {list(EVAL_TASKS)!r}", f"teachers/LoRATeachers.num_tasks = {len(EVAL_TASKS)}",
         f"teachers/tagi_data.skip_instances = {n_eval}", "teachers/tagi_data.batch_size = 4",
@@ -55,7 +55,7 @@ def phase_teachers(work: Path, n_eval: int, steps: int) -> None:
 def phase_tagi(work: Path, steps: int, max_instances: int, lr: float) -> None:
     if (work / "stage2" / "hypernet" / "hypernet.json").is_file():
         return
-    run_gin(["experiments/tagi/smollm2_superni.gin"], COMMON + [
+    run_gin(["jaxlm/configs/tagi/smollm2_superni.gin"], COMMON + [
         "tagi_pipeline.stages = ('stage2',)", "stage2/TAGIDistillation.w_ins = 0.0",
         f"tagi_data.max_instances = {max_instances}", "tagi_data.batch_size = 4", "tagi_data.tasks_per_batch = 2",
         f"NUM_STEPS = {steps}", f"stage2/train.num_steps = {steps}", f"LEARNING_RATE = {lr}", "WARMUP_STEPS = 2"], work)
@@ -65,7 +65,7 @@ def phase_eval(work: Path, n_eval: int, max_new_tokens: int) -> None:
     from jaxlm.checkpoints.hypernet import load_hypernet
     from jaxlm.data.prompts import format_prompt, tk_query
     from jaxlm.data.sources import load_tasks
-    from jaxlm.data.tagi_data import instruction_for
+    from jaxlm.data.tagi_tasks import instruction_for
     from jaxlm.eval.engine import Engine
     from jaxlm.eval.metrics import compute_metrics
     from jaxlm.jsonl import ResultsLog

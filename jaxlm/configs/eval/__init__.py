@@ -1,0 +1,1 @@
+"""gin files (package data); this file lets gin read them as package resources from any directory."""
