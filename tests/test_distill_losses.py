@@ -204,3 +204,19 @@ def test_combine_losses():
     assert float(grad) == pytest.approx(4.0)
     with pytest.raises(ValueError, match="name no loss term"):
         losses.combine_losses(terms, {"kll": 1.0})
+
+
+def test_lora_task_share_matches_dense_dw_variance():
+    """share = sum_g ||dW_g - mean||^2 / sum_g ||dW_g||^2 over modules, checked against dense dW."""
+    rng = np.random.default_rng(0)
+    params = {"q": {"a": rng.normal(size=(4, 6, 2)), "b": rng.normal(size=(4, 2, 5))},
+              "v": {"a": rng.normal(size=(4, 6, 2)), "b": rng.normal(size=(4, 2, 3))}}
+    lora = LoraWeights(jax.tree_util.tree_map(jnp.asarray, params), rank=2, alpha=4.0)
+    dense = {k: lora.scale * np.einsum("gdr,grk->gdk", m["a"], m["b"]) for k, m in params.items()}
+    between = sum(np.sum((d - d.mean(0)) ** 2) for d in dense.values())
+    total = sum(np.sum(d ** 2) for d in dense.values())
+    np.testing.assert_allclose(float(losses.lora_task_share(lora)), between / total, rtol=1e-5)
+    same = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[:1], x.shape), lora.params)
+    assert abs(float(losses.lora_task_share(lora.replace(params=same)))) < 1e-6
+    zero = jax.tree_util.tree_map(jnp.zeros_like, lora.params)
+    assert float(losses.lora_task_share(lora.replace(params=zero))) == 0.0

@@ -226,3 +226,43 @@ def test_minilm_encoder_and_fusion_projection(t5):
     assert lora_N.params["encoder"]["block_0"]["layer_0"]["SelfAttention"]["q"]["a"].shape == (N, 16, 4)
     with pytest.raises(ConfigError, match="BERT"):
         H.encode_instruction("minilm", t5[0], t5[2], ids, mask)
+
+
+def _adapter_step(boxed, width, head_scaling, lr=1e-3):
+    """RMS per-entry change of the emitted A and of the emitted B after ONE Adam step on a fixed linear
+    loss sum(A * R_A) + sum(B * R_B), plus the initial std of A; the same instruction states at any width."""
+    import optax
+
+    hyper, _ = _hyper(boxed, ("q_proj", "down_proj"), width=width, depth=1, head_scaling=head_scaling)
+    h = jax.random.normal(jax.random.PRNGKey(3), (N, T, 32))
+    mask = _instruction_mask()
+    params = nn.unbox(hyper.init(jax.random.PRNGKey(1), h, mask)["params"])
+    emit = lambda p: hyper.apply({"params": p}, h, mask).params
+    targets = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(7), x.shape), emit(params))
+    loss = lambda p: sum(jnp.sum(x * r) for x, r in zip(jax.tree_util.tree_leaves(emit(p)),
+                                                         jax.tree_util.tree_leaves(targets)))
+    opt = optax.adam(lr)
+    updates, _ = opt.update(jax.grad(loss)(params), opt.init(params), params)
+    before, after = emit(params), emit(optax.apply_updates(params, updates))
+    rms = lambda leaf: float(np.sqrt(np.mean(np.concatenate([
+        np.ravel(np.asarray(a[leaf]) - np.asarray(b[leaf])) for a, b in zip(
+            jax.tree_util.tree_leaves(after, is_leaf=lambda x: isinstance(x, dict) and "a" in x),
+            jax.tree_util.tree_leaves(before, is_leaf=lambda x: isinstance(x, dict) and "a" in x))]) ** 2)))
+    a0 = before["layers_0"]["mlp"]["down_proj"]["a"]
+    return rms("a"), rms("b"), float(jnp.std(a0))
+
+
+def test_emitted_adapter_step_does_not_grow_with_width(llama):
+    """One Adam step moves a plain LoRA's A/B entries by lr; under head_scaling='width' the emitted A/B
+    move by about that at width 32 and at width 256 alike, and A starts at LoRA-init magnitude. The
+    version-one heads ('none') move them about width times faster: the runaway this parametrisation fixes."""
+    _, boxed, _ = llama
+    lr = 1e-3
+    small, large = _adapter_step(boxed, 32, "width", lr), _adapter_step(boxed, 256, "width", lr)
+    for da, db, std_a in (small, large):
+        assert 0.3 * lr < da < 4 * lr and 0.3 * lr < db < 4 * lr, (da, db)
+        assert 0.5 < std_a * np.sqrt(3 * 48) < 2.0  # down_proj d_in = 48
+    assert large[0] / small[0] < 1.5 and large[1] / small[1] < 1.5
+    old_small, old_large = _adapter_step(boxed, 32, "none", lr), _adapter_step(boxed, 256, "none", lr)
+    assert old_large[1] / old_small[1] > 4  # B: W x lr per step under the old heads
+    assert old_large[1] > 20 * large[1]

@@ -154,6 +154,11 @@ def test_two_stage_run_lowers_each_loss_exports_and_matches_peft(tmp_path):
             late = np.mean([r[k] for r in rows[-3:]])
             first_last[f"{stage}/{k}"] = (early, late)
     assert all(late < early for early, late in first_last.values()), first_last
+    stage2 = [json.loads(line) for line in (work / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    watched = {"dw_ratio/self_attn.q_proj", "dw_ratio/self_attn.v_proj", "task_share"}
+    assert all(watched <= set(r) for r in stage2)  # monitored every logged step
+    assert all(0.0 <= r["task_share"] < 1.0 and np.isfinite(r["dw_ratio/self_attn.q_proj"]) for r in stage2)
+    assert stage2[-1]["task_share"] > 0.0 and stage2[-1]["dw_ratio/self_attn.v_proj"] > 0.0
 
     out = tmp_path / "adapter"
     assert cli.main(["adapter", "--hypernet", str(work), "--instruction", "ab|c", "--output", str(out)]) == 0
@@ -251,3 +256,16 @@ def optax_norm(tree):
     import optax
 
     return optax.tree.norm(tree)
+
+
+def test_metric_warnings_name_a_runaway_adapter_and_a_collapsed_task_share():
+    """The one-line alarms of the TAGI objective: ||dW|| above the base kernel's, and one adapter for all tasks."""
+    from jaxlm.train.tagi import TAGIDistillation
+
+    warn = TAGIDistillation.metric_warnings
+    assert warn(None, {"loss": 1.0}) == {}
+    assert warn(None, {"dw_ratio/self_attn.q_proj": 0.2, "task_share": 0.3}) == {}
+    both = warn(None, {"dw_ratio/self_attn.q_proj": 3.4, "dw_ratio/self_attn.v_proj": 0.5, "task_share": 0.004})
+    assert set(both) == {"dw_ratio", "task_share"}
+    assert "3.40 for self_attn.q_proj" in both["dw_ratio"] and "0.4%" in both["task_share"]
+    assert warn(None, {"dw_ratio/self_attn.q_proj": 0.0, "task_share": 0.0}) == {}  # dW = 0 at init: no alarm

@@ -121,6 +121,7 @@ def hypernet_config(meta: dict[str, Any]) -> Any:
     from jaxlm.models.hypernet import HypernetConfig
 
     fields = dict(meta["hypernet"])
+    fields.setdefault("head_scaling", "none")  # written before the field existed: version one's heads
     lora = fields.pop("lora")
     return HypernetConfig(lora=LoraSpec(tuple(lora["targets"]), int(lora["rank"]), float(lora["alpha"])), **fields)
 

@@ -53,6 +53,8 @@ Array = jax.Array
 PyTree = Any
 
 ENCODERS = ("base", "minilm")
+# How the shared heads' outputs scale with the generator width W (see `HypernetConfig.head_scaling`).
+HEAD_SCALINGS = ("width", "none")
 # First path component naming a layer of a stack: Llama `layers_i`, T5 `block_i`, BERT `layer_i`.
 _LAYER_RE = re.compile(r"^(layers|block|layer)_(\d+)$")
 # Sublayer wrappers inside a layer (T5 `layer_0/SelfAttention`) are not part of the module type.
@@ -67,6 +69,14 @@ class HypernetConfig:
     fusion: join instruction states to a T5 encoder output (see `fused_logits`); `fusion_dim` is the
     base d_model, needed only when it differs from the instruction width.
     slot_queries: add a per-slot learned query table (zero at init) to layer + module embeddings.
+    head_scaling: "width" (default): A = A0[slot] + (1/W) y @ K_A + bias_A and B = (1/W) y @ K_B + bias_B,
+    with A0 a per-slot LoRA init (std 1/sqrt(3 d_in), a plain LoRA's A) and K_A, K_B zero at init, so
+    dW = 0 at init and one Adam step (about lr per parameter entry) moves every entry of the emitted A
+    and B by about lr, as it moves a plain LoRA's, at any generator width W (the muP output-layer
+    rule; the instruction-dependent part of A starts at zero like B's). "none" is version one:
+    A = y @ K_A + bias with std(K_A) = 1/sqrt(3 d_in W), no multiplier; its emitted A/B move about W
+    times faster than a plain LoRA at the same learning rate. Exports written before this field
+    existed load as "none".
 
     Attributes:
       lora: the generated adapter's targets, rank r and alpha.
@@ -78,6 +88,7 @@ class HypernetConfig:
       fusion: see above.
       fusion_dim: see above.
       slot_queries: see above.
+      head_scaling: see above.
 
     Raises:
       ConfigError: at construction, when `lora` is not a LoraSpec, `encoder` is unknown, `width` is not
@@ -93,6 +104,7 @@ class HypernetConfig:
     fusion: bool = False
     fusion_dim: int | None = None
     slot_queries: bool = True
+    head_scaling: str = "width"
 
     def __post_init__(self) -> None:
         if not isinstance(self.lora, LoraSpec):
@@ -105,6 +117,8 @@ class HypernetConfig:
             raise ConfigError(f"HypernetConfig.depth={self.depth}: need at least one cross-attention block")
         if self.mlp_ratio < 1:
             raise ConfigError(f"HypernetConfig.mlp_ratio={self.mlp_ratio} must be >= 1")
+        if self.head_scaling not in HEAD_SCALINGS:
+            raise ConfigError(f"HypernetConfig.head_scaling={self.head_scaling!r}: expected one of {HEAD_SCALINGS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,24 +314,32 @@ class HyperLoRA(nn.Module):
         for i in range(c.depth):
             q_NxSxW = CrossBlock(width, c.num_heads, c.mlp_ratio, name=f"block_{i}")(q_NxSxW, ctx, bias)
         y_NxSxW = _layer_norm("out_norm")(q_NxSxW)
-
+        multiplier = 1.0 / width if c.head_scaling == "width" else 1.0  # see HypernetConfig.head_scaling
         tree: dict = {}
         for name, index in _head_groups(slots).items():
             first = slots[index[0]]
             d_in, d_out = first.d_in, first.d_out
-            # A = y @ K_A: y is layer-normed (unit variance), so std(K_A) = 1/sqrt(3 d_in width) gives
-            # std(A) = 1/sqrt(3 d_in), the std of PEFT's U(-1/sqrt(d_in), 1/sqrt(d_in)) init.
-            a_init = nn.initializers.normal(1.0 / math.sqrt(3.0 * d_in * width))
             head = lambda suffix, shape, axes, init, name=name: self.param(
                 f"{name}_{suffix}", nn.with_logical_partitioning(init, axes), shape, jnp.float32
             )
-            k_a = head("a_kernel", (width, d_in, rank), ("hyper_width", first.axes[0], "lora_rank"), a_init)
+            lora_init = nn.initializers.normal(1.0 / math.sqrt(3.0 * d_in))  # std of PEFT's U(+-1/sqrt(d_in))
+            if c.head_scaling == "width":
+                # A = A0[slot] + (1/W) y @ K_A + bias: A0 is a per-slot LoRA init (a plain LoRA's A), the
+                # instruction-dependent part starts at zero like B's, and 1/W keeps one Adam step on K
+                # (about lr per entry) an O(lr) change of A and B at any width.
+                a_kernel_init = nn.initializers.zeros
+                a0_GxDxR = head("a_init", (len(index), d_in, rank), ("hyper_table", first.axes[0], "lora_rank"),
+                                lora_init)
+            else:  # version one: A = y @ K_A + bias with std(K_A) = 1/sqrt(3 d_in W): std(A) = 1/sqrt(3 d_in)
+                a_kernel_init = nn.initializers.normal(1.0 / math.sqrt(3.0 * d_in * width))
+                a0_GxDxR = 0.0
+            k_a = head("a_kernel", (width, d_in, rank), ("hyper_width", first.axes[0], "lora_rank"), a_kernel_init)
             b_a = head("a_bias", (d_in, rank), (first.axes[0], "lora_rank"), nn.initializers.zeros)
             k_b = head("b_kernel", (width, rank, d_out), ("hyper_width", "lora_rank", first.axes[1]), nn.initializers.zeros)
             b_b = head("b_bias", (rank, d_out), ("lora_rank", first.axes[1]), nn.initializers.zeros)
             y_g = jnp.take(y_NxSxW, jnp.asarray(np.array(index, np.int32)), axis=1)
-            a_NxGxDxR = jnp.einsum("ngw,wdr->ngdr", y_g, k_a) + b_a
-            b_NxGxRxK = jnp.einsum("ngw,wrk->ngrk", y_g, k_b) + b_b
+            a_NxGxDxR = multiplier * jnp.einsum("ngw,wdr->ngdr", y_g, k_a) + b_a + a0_GxDxR
+            b_NxGxRxK = multiplier * jnp.einsum("ngw,wrk->ngrk", y_g, k_b) + b_b
             for j, slot_index in enumerate(index):
                 lora_lib._set_path(tree, slots[slot_index].path, {"a": a_NxGxDxR[:, j], "b": b_NxGxRxK[:, j]})
         lora = LoraWeights(params=tree, rank=rank, alpha=c.lora.alpha)

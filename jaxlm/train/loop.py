@@ -97,6 +97,8 @@ def train(
     skipped = 0
     last_loss = None
     pending: tuple[int, Any, Any] | None = None  # (step, device metrics, batch id) not yet read on the host
+    watch = getattr(step_fn.objective, "metric_warnings", lambda metrics: {})  # objective-specific alarms
+    warned: set[str] = set()
 
     def record(done: int, step_metrics: Any, batch_id: Any) -> None:
         """Read one step's metrics on the host: count, stop or skip on non-finite, log."""
@@ -117,6 +119,10 @@ def train(
             log.warning("step %d: non-finite loss, update skipped (%d so far; batch %s)", done, skipped, batch_id)
         if done % log_every == 0 or done == num_steps or not finite:
             out = {k: float(v) for k, v in values.items()}
+            for kind, message in watch(out).items():
+                if kind not in warned:  # each kind once per run: a line to act on, not a flood
+                    warned.add(kind)
+                    log.warning("step %d: %s", done, message)
             out.update(throughput.report(step_fn.flops_per_step, peak))
             out["skipped_steps"] = skipped
             if not finite:

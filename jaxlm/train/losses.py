@@ -310,6 +310,32 @@ def lora_sq_norm(lora: LoraWeights) -> dict[tuple[str, ...], Array]:
     return {path: lora.scale**2 * _gram_inner(m["a"], m["b"], m["a"], m["b"]) for path, m in _lora_modules(lora).items()}
 
 
+def lora_task_share(lora_G: LoraWeights) -> Array:
+    """The fraction of a batch of adapters' ||dW||^2 that differs between tasks, over all modules:
+
+        sum_modules sum_g ||dW_g - mean_h dW_h||^2  /  sum_modules sum_g ||dW_g||^2
+
+    through the (G, G, r, r) Grams of every pair of tasks (never a d x d matrix). 0 when every task
+    gets the same adapter (or all are zero), 1 - 1/G at most for orthogonal adapters.
+
+    Args:
+      lora_G: adapters with a leading task axis, leaves (G, D_in, r) / (G, r, D_out).
+
+    Returns:
+      float32 () in [0, 1).
+    """
+    between, total = jnp.float32(0.0), jnp.float32(0.0)
+    for m in _lora_modules(lora_G).values():
+        f32, highest = (lambda x: x.astype(jnp.float32)), jax.lax.Precision.HIGHEST
+        g_a = jnp.einsum("gdr,hdq->ghrq", f32(m["a"]), f32(m["a"]), precision=highest)
+        g_b = jnp.einsum("grk,hqk->ghrq", f32(m["b"]), f32(m["b"]), precision=highest)
+        inner_GxG = jnp.sum(g_a * g_b, axis=(-2, -1)) * lora_G.scale**2
+        sq = jnp.trace(inner_GxG)
+        between = between + sq - jnp.sum(inner_GxG) / inner_GxG.shape[0]
+        total = total + sq
+    return jnp.where(total > 0, jnp.maximum(between, 0.0) / jnp.maximum(total, 1e-30), 0.0)
+
+
 def lora_alignment_loss(
     student: LoraWeights, teacher: LoraWeights, task_mask_N: Array | None = None, normalize: str = "module", eps: float = 1e-6
 ) -> tuple[Array, Array]:

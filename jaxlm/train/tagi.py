@@ -56,6 +56,8 @@ from jaxlm.train.objectives import LanguageModel, _load_pretrained_cached
 Array = jax.Array
 PyTree = Any
 MINILM = "all-minilm-l6-v2"
+DW_RATIO_LIMIT = 1.0  # ||dW|| / ||W_base|| above this: the adapter outweighs the kernel it adapts
+TASK_SHARE_FLOOR = 0.01  # task share below this with a sizeable adapter: one adapter for every task
 
 
 def _is_spec(x: Any) -> bool:
@@ -440,7 +442,52 @@ class TAGIDistillation(LanguageModel):
         loss, metrics = losses.combine_losses(terms, {k: w for k, w in term_weights.items() if k in terms})
         hits, _ = losses.token_accuracy(logits_BxLxV, targets, weights)
         metrics["accuracy"] = losses.safe_mean(hits, weight)
+        metrics.update(self.adapter_metrics(jax.lax.stop_gradient(lora_G), frozen["base"]))
         return loss, metrics
+
+    # ---------------------------------------------------------------- monitoring
+    def adapter_metrics(self, lora_G: LoraWeights, base: PyTree) -> dict[str, Array]:
+        """What to watch while a hypernetwork trains (logged with every step's metrics).
+
+        Args:
+          lora_G: the adapters emitted for the batch's G tasks, leaves (G, D_in, r) / (G, r, D_out).
+          base: the frozen base params (the adapted kernels' norms).
+
+        Returns:
+          {"dw_ratio/<module type>": mean over tasks and layers of ||dW|| / ||W_base|| (Frobenius; '/' in
+          the module type written '.'), "task_share": the fraction of the batch's ||dW||^2 that differs
+          between tasks (`losses.lora_task_share`)}, float32 scalars.
+        """
+        sq = losses.lora_sq_norm(lora_G)
+        by_type: dict[str, list[Array]] = {}
+        for slot in self.slots:
+            kernel = functools.reduce(lambda tree, key: tree[key], slot.path, base)["kernel"]
+            norm = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32))))
+            ratio_G = jnp.sqrt(sq[slot.path]) / jnp.maximum(norm, 1e-12)
+            by_type.setdefault(slot.module, []).append(jnp.mean(ratio_G))
+        out = {f"dw_ratio/{module.replace('/', '.')}": jnp.mean(jnp.stack(v)) for module, v in by_type.items()}
+        out["task_share"] = losses.lora_task_share(lora_G)
+        return out
+
+    def metric_warnings(self, metrics: Mapping[str, float]) -> dict[str, str]:
+        """{kind: one-line warning} for a logged step's metrics: the emitted adapters outweigh the base
+        kernels (some dw_ratio > DW_RATIO_LIMIT), or they are big yet the same for every task
+        (task_share < TASK_SHARE_FLOOR while some dw_ratio > 0.05). The loop prints each kind once."""
+        ratios = {k.removeprefix("dw_ratio/"): v for k, v in metrics.items() if k.startswith("dw_ratio/")}
+        if not ratios:
+            return {}
+        module, worst = max(ratios.items(), key=lambda kv: kv[1])
+        out = {}
+        if worst > DW_RATIO_LIMIT:
+            out["dw_ratio"] = (f"TAGI: emitted ||dW||/||W|| = {worst:.2f} for {module} (> {DW_RATIO_LIMIT}): the "
+                               "generated adapters outweigh the base kernels; lower the learning rate or keep "
+                               "HypernetConfig.head_scaling = 'width'")
+        share = metrics.get("task_share")
+        if share is not None and share < TASK_SHARE_FLOOR and worst > 0.05:
+            out["task_share"] = (f"TAGI: only {100 * share:.1f}% of the emitted adapters' ||dW||^2 differs between "
+                                 f"tasks while ||dW||/||W|| reaches {worst:.2f}: the hypernetwork emits one adapter "
+                                 "for every task (check the instruction encoding and the learning rate)")
+        return out
 
     # ---------------------------------------------------------------- export
     def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
