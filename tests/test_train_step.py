@@ -161,3 +161,23 @@ def test_seq2seq_objective_learns_on_t5():
     data = SyntheticBatches(batch_size=8, seq_len=12, vocab_size=64, layout="encoder_decoder")
     _, _, _, metrics = run(Seq2SeqLM(config), ONE_DEVICE, 30, lr=2e-2, data=data)
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
+
+
+def test_lr_multipliers_scale_one_group_and_refuse_a_pattern_that_matches_nothing():
+    from jaxlm.errors import ConfigError
+    from jaxlm.train.optim import make_optimizer
+
+    params = {"hypernet": {"q_proj_a_kernel": jnp.ones((2, 3)), "block_0": {"kernel": jnp.ones((3, 3))}}}
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    plain = make_optimizer(learning_rate=1e-2, schedule="constant", clip_norm=None)
+    scaled = make_optimizer(learning_rate=1e-2, schedule="constant", clip_norm=None,
+                            lr_multipliers={r"hypernet/.*_a_kernel$": 10.0})
+    u_plain, _ = plain.update(grads, plain.init(params), params)
+    u_scaled, _ = scaled.update(grads, scaled.init(params), params)
+    np.testing.assert_allclose(u_scaled["hypernet"]["q_proj_a_kernel"], 10 * u_plain["hypernet"]["q_proj_a_kernel"],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(u_scaled["hypernet"]["block_0"]["kernel"], u_plain["hypernet"]["block_0"]["kernel"])
+    with pytest.raises(ConfigError, match="'decoder/.*' matches no trainable parameter"):
+        make_optimizer(lr_multipliers={"decoder/.*": 2.0}).init(params)
+    with pytest.raises(ConfigError, match="must be > 0"):
+        make_optimizer(lr_multipliers={"hypernet": 0.0})

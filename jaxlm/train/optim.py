@@ -9,7 +9,8 @@ additionally freezes leaves inside the trainable tree with `optax.set_to_zero` (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gin
@@ -44,6 +45,53 @@ def make_schedule(
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+def param_path(path: tuple) -> str:
+    """'/'-joined names of a `jax.tree_util` key path, e.g. 'hypernet/block_0/query/kernel'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def scale_by_path(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiply the update of every parameter whose path matches a regex (`re.search`, first match in
+    order wins) by its factor: a per-group learning-rate multiplier, applied after the optimizer.
+
+    Args:
+      multipliers: {regex over `param_path`: factor > 0}.
+
+    Returns:
+      A stateless optax transformation.
+
+    Raises:
+      ConfigError (at `init`): a factor <= 0, a bad regex, or a regex matching no parameter.
+    """
+    compiled = []
+    for pattern, factor in multipliers.items():
+        try:
+            compiled.append((re.compile(pattern), float(factor)))
+        except re.error as e:
+            raise ConfigError(f"make_optimizer.lr_multipliers: bad regex {pattern!r} ({e})") from None
+        if float(factor) <= 0:
+            raise ConfigError(f"make_optimizer.lr_multipliers[{pattern!r}] = {factor}: must be > 0")
+
+    def factor_of(path: tuple) -> float:
+        name = param_path(path)
+        return next((f for rx, f in compiled if rx.search(name)), 1.0)
+
+    def init(params: Any) -> optax.EmptyState:
+        names = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        for rx, _ in compiled:
+            if not any(rx.search(n) for n in names):
+                raise ConfigError(f"make_optimizer.lr_multipliers: {rx.pattern!r} matches no trainable parameter "
+                                  f"(e.g. {names[:3]})")
+        return optax.EmptyState()
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        scaled = jax.tree_util.tree_map_with_path(lambda p, u: u if factor_of(p) == 1.0 else u * factor_of(p), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(init, update)
+
+
 def decay_mask(params: Any) -> Any:
     """Weight decay only on leaves with >= 2 dims (kernels, embeddings, LoRA factors)."""
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
@@ -64,11 +112,17 @@ def make_optimizer(
     eps: float = 1e-8,
     final_fraction: float = 0.1,
     trainable_mask: Callable[[Any], Any] | None = None,
+    lr_multipliers: Mapping[str, float] | None = None,
 ) -> optax.GradientTransformation:
-    """The optimizer of a run; `learning_rate` is logged from `current_learning_rate(opt_state)`."""
+    """The optimizer of a run; `learning_rate` is logged from `current_learning_rate(opt_state)`.
+
+    `lr_multipliers` ({regex over the '/'-joined param path: factor}, see `scale_by_path`) gives
+    parameter groups their own learning rate, e.g. `{'hypernet/.*_(a|b)_': 10.0}` for a hypernetwork's
+    heads; a regex that matches nothing fails at init naming it."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"make_optimizer.name={name!r}: expected one of {OPTIMIZERS}")
     lr = make_schedule(learning_rate, schedule, warmup_steps, total_steps, final_fraction)
+    by_path = scale_by_path(lr_multipliers) if lr_multipliers else None  # bad factors/regexes fail here
 
     def build(learning_rate):
         parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
@@ -78,6 +132,8 @@ def make_optimizer(
             # t5x defaults (decay_rate 0.8 is Adafactor's second-moment exponent; b1/b2 are AdamW's).
             parts.append(optax.adafactor(learning_rate, weight_decay_rate=weight_decay or None,
                                          weight_decay_mask=decay_mask))
+        if by_path is not None:
+            parts.append(by_path)
         return optax.chain(*parts)
 
     tx = optax.inject_hyperparams(build)(learning_rate=lr)
