@@ -97,8 +97,9 @@ def train(
     skipped = 0
     last_loss = None
     pending: tuple[int, Any, Any] | None = None  # (step, device metrics, batch id) not yet read on the host
-    watch = getattr(step_fn.objective, "metric_warnings", lambda metrics: {})  # objective-specific alarms
+    watch = getattr(step_fn.objective, "metric_warnings", lambda metrics, peaks: {})  # objective-specific alarms
     warned: set[str] = set()
+    peaks: dict[str, float] = {}  # each logged metric's maximum so far (what "collapsed" is measured against)
 
     def record(done: int, step_metrics: Any, batch_id: Any) -> None:
         """Read one step's metrics on the host: count, stop or skip on non-finite, log."""
@@ -119,7 +120,9 @@ def train(
             log.warning("step %d: non-finite loss, update skipped (%d so far; batch %s)", done, skipped, batch_id)
         if done % log_every == 0 or done == num_steps or not finite:
             out = {k: float(v) for k, v in values.items()}
-            for kind, message in watch(out).items():
+            for key, value in out.items():
+                peaks[key] = max(value, peaks.get(key, value))
+            for kind, message in watch(out, peaks).items():
                 if kind not in warned:  # each kind once per run: a line to act on, not a flood
                     warned.add(kind)
                     log.warning("step %d: %s", done, message)
