@@ -183,3 +183,22 @@ def test_gin_files_ship_in_the_package_and_resolve_from_any_directory(tmp_path, 
     import gin
 
     assert gin.query_parameter("%LORA_RANK") == 4
+
+
+def test_gin_search_paths_find_files_and_their_includes(tmp_path, monkeypatch):
+    """--gin_search_paths: a file and its relative include found under a directory that is neither the
+    working directory nor the checkout; a search path that is not a directory is refused by name."""
+    import gin
+    import pytest
+
+    from jaxlm.errors import ConfigError
+    from jaxlm.experiment.gin_config import parse_config
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "base.gin").write_text("include 'jaxlm/configs/tests/tiny_lora.gin'\nLORA_RANK = 2\n")
+    (tmp_path / "mine" / "exp.gin").write_text("include 'base.gin'\nNUM_STEPS = 3\n")
+    monkeypatch.chdir(PACKAGE.parent.parent)
+    parse_config(["exp.gin"], [], [str(tmp_path / "mine")])
+    assert gin.query_parameter("%LORA_RANK") == 2 and gin.query_parameter("%NUM_STEPS") == 3
+    with pytest.raises(ConfigError, match="--gin_search_paths .*nowhere: not a directory"):
+        parse_config(["exp.gin"], [], [str(tmp_path / "nowhere")])

@@ -22,6 +22,7 @@ from jaxlm.errors import ConfigError
 # `jaxlm/configs/...` gin files and their includes resolve against it from any working directory.
 GIN_ROOT = Path(__file__).resolve().parents[2]
 _REGISTERED = False
+_SEARCH_PATHS: set[str] = set()  # directories already handed to gin (it keeps a list and never dedups)
 
 
 class _NoPackageLookupNoise(logging.Filter):
@@ -82,7 +83,8 @@ def parse_config(gin_files: Sequence[str], bindings: Sequence[str] = (), search_
     for path in search_paths:
         if not Path(path).is_dir():
             raise ConfigError(f"--gin_search_paths {path}: not a directory")
-        if path not in gin.config._LOCATION_PREFIXES:
+        if path not in _SEARCH_PATHS:
+            _SEARCH_PATHS.add(path)
             gin.add_config_file_search_path(path)
     files = []
     for f in gin_files:
