@@ -43,7 +43,8 @@ def gin_subparser(subparsers: Any, name: str, **kwargs: Any) -> argparse.Argumen
 def add_gin_flags(p: argparse.ArgumentParser, file_help: str = "gin file (repeatable; later files win)") -> None:
     """Add --gin_file, --gin_bindings and --gin_search_paths (--gin.KEY=value comes with `gin_subparser`)."""
     p.add_argument("--gin_file", action="append", default=[], help=file_help)
-    p.add_argument("--gin_bindings", action="append", default=[], help="'KEY = value' gin binding (repeatable)")
+    p.add_argument("--gin_bindings", action="append", default=[],
+                   help="'KEY = value' gin binding (repeatable); the same as --gin.KEY=value")
     p.add_argument("--gin_search_paths", default="", help="comma-separated directories to look up gin files in")
 
 
