@@ -121,3 +121,22 @@ def test_an_eval_sweep_model_accepts_a_run_dir_and_a_peft_dir(lora_run, tmp_path
         pre = EvalModel("m", pretrained=str(source)).load()
         got = np.asarray(pre.model.apply({"params": pre.params}, np.asarray(IDS)))
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_tagi_stage_dir_exports_its_hypernetwork(tmp_path, capsys):
+    """RUN/stage2 of a TAGI pipeline (bindings recorded under the stage's gin scope) exports the
+    hypernetwork its last checkpoint holds: the same params as the run's own end-of-run export."""
+    from jaxlm.checkpoints.hf import flatten
+    from jaxlm.checkpoints.hypernet import read_params
+
+    run = tmp_path / "tagi"
+    assert main(["train", "--gin_file=jaxlm/configs/tests/tiny_tagi.gin", "--gin.train.checkpoint_every=10",
+                 "--workdir", str(run)]) == 0
+    assert main(["export", "--workdir", str(run), "--output", str(tmp_path / "x")]) == 2
+    assert "its stages are" in capsys.readouterr().err
+    assert main(["export", "--workdir", str(run / "stage2"), "--output", str(tmp_path / "h")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["objective"] == "TAGIDistillation"
+    ours, theirs = flatten(read_params(tmp_path / "h")), flatten(read_params(run / "stage2" / "hypernet"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key])

@@ -1,4 +1,5 @@
-"""The gin flags every gin-driven command takes (`train`, `plan`, `eval`, `demo`, `export`), t5x style:
+"""The gin flags every gin-driven command takes (`train`, `plan`, `eval`, `demo`; `export` reads the run's
+own config and takes only --gin_search_paths), t5x style:
 
   --gin_file PATH            a gin file (repeatable; later files win), found as given, then on the
                              search paths (the jaxlm checkout's root is always one)

@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_subparser
+from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
 from jaxlm.errors import JaxlmError, UsageError
 from jaxlm.experiment.gin_config import parse_config
 from jaxlm.train.plan import DEFAULT_HBM_GIB, plan_run, resolve_mesh, topology_devices
@@ -34,16 +34,17 @@ def _default_hbm(platform: str, hbm_gib: float | None) -> float | None:
     return DEFAULT_HBM_GIB.get(platform)
 
 
-def _parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+def _parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
     if not gin_files:
         raise UsageError("jaxlm plan needs at least one --gin_file")
-    parse_config(list(gin_files), list(bindings))
+    parse_config(list(gin_files), list(bindings), list(search_paths))
 
 
 def plan_command(args: Any) -> int:
     """`jaxlm plan`: parse gin, pick devices (topology, this process, or a CPU subprocess), print the report."""
     bindings = gin_bindings(args)
-    _parse_gin(args.gin_file, bindings)  # a typo fails here, before any compile
+    search_paths = gin_search_paths(args)
+    _parse_gin(args.gin_file, bindings, search_paths)  # a typo fails here, before any compile
     hbm = _default_hbm(args.platform, args.hbm_gib)
     shape = resolve_mesh(args.mesh, jax.device_count() if "-1" in args.mesh else None)
     n = math.prod(shape.values())
@@ -60,17 +61,18 @@ def plan_command(args: Any) -> int:
         report = plan_run(mesh_spec, args.platform, hbm, jax.devices()[:n], f"XLA:CPU, {n} fake devices{note}")
         print(report.format())
         return 0
-    return _run_child(args.gin_file, bindings, mesh_spec, args.platform, hbm, n, note)
+    return _run_child(args.gin_file, bindings, search_paths, mesh_spec, args.platform, hbm, n, note)
 
 
-def _run_child(gin_files: Sequence[str], bindings: Sequence[str], mesh_spec: str, platform: str,
-               hbm: float | None, n: int, note: str) -> int:
+def _run_child(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str], mesh_spec: str,
+               platform: str, hbm: float | None, n: int, note: str) -> int:
     """Re-run the plan in a fresh process with N fake CPU devices (the flag must precede JAX's start)."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     env["JAX_PLATFORMS"] = "cpu"
-    spec = json.dumps({"gin_files": list(gin_files), "bindings": list(bindings), "mesh": mesh_spec,
+    spec = json.dumps({"gin_files": list(gin_files), "bindings": list(bindings), "search_paths": list(search_paths),
+                       "mesh": mesh_spec,
                        "platform": platform, "hbm_gib": hbm, "note": note})
     proc = subprocess.run([sys.executable, "-m", "jaxlm.commands.plan", _CHILD_FLAG, spec], env=env)
     return proc.returncode
@@ -79,7 +81,7 @@ def _run_child(gin_files: Sequence[str], bindings: Sequence[str], mesh_spec: str
 def _child_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     try:
-        _parse_gin(spec["gin_files"], spec["bindings"])
+        _parse_gin(spec["gin_files"], spec["bindings"], spec["search_paths"])
         n = math.prod(resolve_mesh(spec["mesh"], None).values())
         report = plan_run(spec["mesh"], spec["platform"], spec["hbm_gib"], jax.devices()[:n],
                           f"XLA:CPU, {n} fake devices{spec['note']}")

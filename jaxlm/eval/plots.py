@@ -124,9 +124,10 @@ def lines(series: Mapping[str, Mapping[float, float | Sequence[float]]], *,
         style = styles.get(name, {})
         color, alpha = style.get("color"), style.get("alpha", 1.0)
         xs = sorted(points)
-        ys = [float(np.mean(points[x])) if isinstance(points[x], (list, tuple)) else _value(points[x]) for x in xs]
+        ys = [_nanmean([_value(v) for v in points[x]]) if isinstance(points[x], (list, tuple)) else _value(points[x])
+              for x in xs]  # a missing value (None) is left out of the mean; all missing: a gap
         (line,) = ax.plot(xs, ys, style.get("fmt", "-"), color=color, alpha=alpha, label=name)
-        dots = [(x, float(v)) for x in xs if isinstance(points[x], (list, tuple)) for v in points[x]]
+        dots = [(x, float(v)) for x in xs if isinstance(points[x], (list, tuple)) for v in points[x] if v is not None]
         if dots:
             ax.scatter(*zip(*dots), s=10, color=line.get_color(), alpha=alpha * 0.6)
     if logx:

@@ -80,6 +80,7 @@ def _load_trained(directory: Path, dtype: str) -> Any:
     """A HF dir as is; a PEFT dir merged into its base; a run dir exported first (`jaxlm export`, in a
     child process: the run's own gin config must not replace the sweep's) into directory/export/."""
     import json
+    import os
     import subprocess
 
     from jaxlm.checkpoints.peft import load_peft_adapter
@@ -88,8 +89,9 @@ def _load_trained(directory: Path, dtype: str) -> Any:
 
     if (directory / "config.gin").is_file() and (directory / "checkpoints").is_dir():
         out = directory / "export"
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the parent may hold the accelerator's memory
         proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "export", "--workdir", str(directory),
-                               "--output", str(out)], capture_output=True, text=True)
+                               "--output", str(out)], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             lines = (proc.stderr.strip() or "exit status %d" % proc.returncode).splitlines()
             raise ConfigError(f"EvalModel.pretrained={str(directory)!r}: export failed: {lines[-1]}")

@@ -1,7 +1,8 @@
 """`make demo`: the instruction-learning study end to end on embedded defaults, minutes on a CPU.
 
 Stages, each a gin experiment in jaxlm/configs/demo/ that reruns alone (`jaxlm train|eval --gin_file=...`)
-and each skipped when its output exists, so a killed demo resumes where it stopped:
+and each resumes: a training stage is skipped when its output exists, an evaluation stage skips the
+results already in RUN/results.jsonl, so a killed demo resumes where it stopped:
   rules    generate the string-rewrite rules (setting.gin) -> RUN/rules/{train,heldout}.jsonl
   base     a byte-level Llama from scratch on "x|y|z=" rows (base.gin), then on packed rows that see
            each other, for ICIL-style prompts (base_context.gin) -> RUN/base_hf
@@ -141,7 +142,7 @@ class DemoRun:
         def report(row: dict[str, Any]) -> None:
             print(f"  {METHOD_LABELS.get(row['method'], row['method'])}: exact match {row['exact_match']:.2f}%, "
                   f"NLL/token {row['target_nll']:.3f}", flush=True)
-            self.append([row])
+            self.append(self.log.pending([row]))  # a rerun of a deleted RUN/rewrite adds no second row
 
         rows = evaluator.run(self.workdir / "rewrite", on_result=report)
         self.append(self.log.pending(rows))  # rows evaluated by a run killed before appending
@@ -249,7 +250,7 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), bindings: Sequence[str
       workdir: the run directory (a rerun resumes it).
       overrides: extra gin files parsed after every stage's own.
       bindings: extra 'KEY = value' bindings for every stage.
-      stages: a subset of `STAGES`, run in `STAGES` order.
+      stages: a subset of `STAGES`, run in the order given.
       search_paths: directories to look gin files up in.
 
     Raises:

@@ -6,13 +6,17 @@ a TAGI run's hypernetwork; a LoRATeachers directory).
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import gin
+import jax
 
 from jaxlm.errors import UsageError
+from jaxlm.sharding import parse_mesh_shape
 from jaxlm.experiment.gin_config import parse_config
 from jaxlm.train.loop import restore_trained
 
@@ -44,10 +48,21 @@ def export_run(workdir: str | Path, output: str | Path, *, step: int | None = No
         hint = f"; its stages are {', '.join(str(Path(workdir) / s) for s in stages)}" if stages else ""
         raise UsageError(f"--workdir {workdir}: no {RUN_CONFIG} (not a jaxlm train run directory){hint}")
     parse_config([str(config)], [], search_paths)
-    bound = gin.get_bindings("train")
-    objective = bound["objective"]
+    # A stage of a TAGI pipeline recorded its bindings under its gin scope (stage2/train.objective = ...).
+    text = config.read_text()
+    scope = Path(workdir).resolve().name if re.search(
+        rf"^{re.escape(Path(workdir).resolve().name)}/train\.objective\s*=", text, re.M) else ""
+    with gin.config_scope(scope or None):
+        bound = gin.get_bindings("train")
+        if "objective" not in bound or "optimizer" not in bound:
+            raise UsageError(f"{config}: binds no train.objective / train.optimizer (not a jaxlm train run's config)")
+        objective = bound["objective"]
+        optimizer = bound["optimizer"]
+    mesh_shape = bound.get("mesh_shape", "data=-1")
+    if math.prod(v for v in parse_mesh_shape(mesh_shape).values() if v > 0) > jax.device_count():
+        mesh_shape = "data=-1"  # trained on more devices than this host has: orbax reshards on restore
     state, frozen, at = restore_trained(
-        workdir, objective=objective, optimizer=bound["optimizer"], mesh_shape=bound.get("mesh_shape", "data=-1"),
+        workdir, objective=objective, optimizer=optimizer, mesh_shape=mesh_shape,
         microbatches=bound.get("microbatches", 1), compute_dtype=bound.get("compute_dtype", "float32"),
         seed=bound.get("seed", 0), step=step)
     path = objective.export(output, state.params, frozen, merged=merged)

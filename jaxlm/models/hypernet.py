@@ -6,8 +6,10 @@ table, zero at init); `depth` pre-norm blocks of multi-head cross-attention (que
 instruction encoding) and an MLP refine all S queries of all N instructions at once as an
 (N, S, width) array. Output heads are shared per module type (q, v, ... have their own d_in, d_out)
 and map a query to A (d_in, r) and B (r, d_out). B's head starts at zero, so dW = (alpha/r) A @ B = 0
-and the adapted model is exactly the base model at initialisation; A's head is scaled so the initial
-A has PEFT's LoRA-init magnitude (std 1/sqrt(3 d_in)).
+and the adapted model is exactly the base model at initialisation; the initial A has PEFT's LoRA-init
+magnitude (std 1/sqrt(3 d_in)): under the default `head_scaling='width'` it is a per-slot A0 and both
+heads start at zero behind a 1/W multiplier (one Adam step moves the emitted A/B by about lr, as a
+plain LoRA's, at any width W); under version one's 'none' the A head itself is scaled.
 
 Usage (as in jaxlm/train/tagi.py; N tasks in a batch of B examples, `task_index_B` in [0, N)):
 

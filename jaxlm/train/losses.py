@@ -316,20 +316,18 @@ def lora_task_share(lora_G: LoraWeights) -> Array:
         sum_modules sum_g ||dW_g - mean_h dW_h||^2  /  sum_modules sum_g ||dW_g||^2
 
     through the (G, G, r, r) Grams of every pair of tasks (never a d x d matrix). 0 when every task
-    gets the same adapter (or all are zero), 1 - 1/G at most for orthogonal adapters.
+    gets the same adapter (or all are zero); 1 - 1/G for orthogonal adapters, 1 when they cancel (mean 0).
 
     Args:
       lora_G: adapters with a leading task axis, leaves (G, D_in, r) / (G, r, D_out).
 
     Returns:
-      float32 () in [0, 1).
+      float32 () in [0, 1].
     """
     between, total = jnp.float32(0.0), jnp.float32(0.0)
     for m in _lora_modules(lora_G).values():
-        f32, highest = (lambda x: x.astype(jnp.float32)), jax.lax.Precision.HIGHEST
-        g_a = jnp.einsum("gdr,hdq->ghrq", f32(m["a"]), f32(m["a"]), precision=highest)
-        g_b = jnp.einsum("grk,hqk->ghrq", f32(m["b"]), f32(m["b"]), precision=highest)
-        inner_GxG = jnp.sum(g_a * g_b, axis=(-2, -1)) * lora_G.scale**2
+        a, b = m["a"], m["b"]  # every pair of tasks: <dW_g, dW_h> for g, h in G x G
+        inner_GxG = _gram_inner(a[:, None], b[:, None], a[None], b[None]) * lora_G.scale**2
         sq = jnp.trace(inner_GxG)
         between = between + sq - jnp.sum(inner_GxG) / inner_GxG.shape[0]
         total = total + sq

@@ -118,7 +118,8 @@ def make_optimizer(
 
     `lr_multipliers` ({regex over the '/'-joined param path: factor}, see `scale_by_path`) gives
     parameter groups their own learning rate, e.g. `{'hypernet/.*_(a|b)_': 10.0}` for a hypernetwork's
-    heads; a regex that matches nothing fails at init naming it."""
+    heads; a regex that matches nothing fails at init naming it. Setting or removing it changes the
+    optimizer state's structure: decide before a run's first checkpoint (a resume would not restore)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"make_optimizer.name={name!r}: expected one of {OPTIMIZERS}")
     lr = make_schedule(learning_rate, schedule, warmup_steps, total_steps, final_fraction)

@@ -42,7 +42,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
-from jaxlm.checkpoints.hypernet import find_hypernet_dir, read_params, save_hypernet
+from jaxlm.checkpoints.hypernet import find_hypernet_dir, hypernet_config, read_metadata, read_params, save_hypernet
 from jaxlm.checkpoints.pretrained import Pretrained, abstract_params, family
 from jaxlm.errors import ConfigError
 from jaxlm.features import TEACHER_PREFIX, teacher_view
@@ -589,6 +589,10 @@ def _load_into(init_from: str, part: str, fresh: PyTree) -> PyTree:
     got = {k: tuple(v.shape) for k, v in flatten(saved[part]).items()}
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        saved_scaling = hypernet_config(read_metadata(find_hypernet_dir(init_from))).head_scaling
+        fresh_scaling = "width" if any(k[-1].endswith("_a_init") for k in want) else "none"
+        hint = (f"; it was trained with HypernetConfig.head_scaling={saved_scaling!r}, this run uses "
+                f"{fresh_scaling!r}" if part == "hypernet" and saved_scaling != fresh_scaling else "")
         raise ConfigError(f"TAGIDistillation.init_from={init_from!r}: {part} params differ from this "
-                          f"HypernetConfig/base (first differences: {diff})")
+                          f"HypernetConfig/base (first differences: {diff}){hint}")
     return jax.tree_util.tree_map(lambda f, s: jnp.asarray(s, f.dtype), fresh, saved[part])
