@@ -32,6 +32,16 @@ class NonFiniteLossError(JaxlmError):
     """Loss or gradient became NaN/inf under nan_policy='stop' (names the step and the batch)."""
 
 
+def _train_step(objective: Any, optimizer: optax.GradientTransformation, mesh_shape: str, microbatches: int,
+                compute_dtype: str) -> TrainStep:
+    """The sharded step `train` runs and `restore_trained` restores into (one construction for both)."""
+    try:
+        mesh = make_mesh(mesh_shape)
+    except ValueError as e:
+        raise ConfigError(f"train.mesh_shape={mesh_shape!r}: {e}") from None
+    return TrainStep(objective, optimizer, mesh, microbatches, compute_dtype)
+
+
 @gin.configurable(denylist=["workdir"])
 def train(
     *,
@@ -64,11 +74,7 @@ def train(
             raise ConfigError(f"train.{name} must be positive, got {value}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        mesh = make_mesh(mesh_shape)
-    except ValueError as e:
-        raise ConfigError(f"train.mesh_shape={mesh_shape!r}: {e}") from None
-    step_fn = TrainStep(objective, optimizer, mesh, microbatches, compute_dtype)
+    step_fn = _train_step(objective, optimizer, mesh_shape, microbatches, compute_dtype)
     iterator = data(shard_index=jax.process_index(), num_shards=jax.process_count())
     rng = jax.random.PRNGKey(seed)
     if jax.process_index() == 0:
@@ -209,11 +215,7 @@ def restore_trained(
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: missing (a run saves checkpoints when train.checkpoint_every is set)")
-    try:
-        mesh = make_mesh(mesh_shape)
-    except ValueError as e:
-        raise ConfigError(f"train.mesh_shape={mesh_shape!r}: {e}") from None
-    step_fn = TrainStep(objective, optimizer, mesh, microbatches, compute_dtype)
+    step_fn = _train_step(objective, optimizer, mesh_shape, microbatches, compute_dtype)
     with TrainCheckpointer(directory, async_save=False, read_only=True) as checkpointer:
         restored = checkpointer.restore(step_fn.abstract_state(), step=step)
     if restored is None:
