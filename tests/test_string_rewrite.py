@@ -150,3 +150,17 @@ def test_fresh_training_rule_tasks_are_seen_rules_with_new_inputs():
     seen_inputs = {i.input for t in train for i in t.instances}
     assert sum(i.input not in seen_inputs for t in fresh for i in t.instances) >= 15  # mostly new strings
     assert fresh == fresh_training_rule_tasks(config, [0, 7, 19], examples=6)  # deterministic
+
+
+def test_heldout_fresh_inputs_are_the_same_rules_on_other_inputs():
+    """part="test_fresh": what a per-rule oracle teacher trains on so it is scored on unseen inputs."""
+    from jaxlm.data.string_rewrite import apply_rule, rewrite_tasks
+
+    test, fresh = rewrite_tasks(SMALL, part="test"), rewrite_tasks(SMALL, part="test_fresh")
+    assert [t.name for t in fresh] == [t.name for t in test]
+    for a, b in zip(test, fresh):
+        assert (a.metadata["x"], a.metadata["y"]) == (b.metadata["x"], b.metadata["y"])
+        assert not {i.input for i in a.instances} & {i.input for i in b.instances}
+        assert SMALL.examples_per_rule - 3 <= len(b.instances) <= SMALL.examples_per_rule
+        assert all(i.outputs[0] == apply_rule(b.metadata["x"], b.metadata["y"], i.input) for i in b.instances)
+    assert rewrite_tasks(SMALL, part="test_fresh")[0].instances == fresh[0].instances  # deterministic

@@ -152,7 +152,9 @@ class Hypernet:
             encoder = self.base
             self.codec = text_codec(spec, tokenizer=None if spec == "bytes" else self.base.tokenizer)
         self._encoder_params = self.params.get("encoder", encoder.params)
-        kind, model, module, fusion = self.config.encoder, encoder.model, self.module, self.config.fusion
+        kind, model, module = self.config.encoder, encoder.model, self.module
+        fusion = self.config.fusion and self.meta["family"] == "t5"
+        self._t5_fusion = fusion
 
         def run(encoder_params, hyper_params, ids, mask):  # params as arguments: never baked into the jit
             h = hyper_lib.encode_instruction(kind, model, encoder_params, ids, mask)
@@ -164,6 +166,12 @@ class Hypernet:
     def instruction_format(self) -> dict[str, str]:
         """How training built prompts: {"codec", "teacher_format", "student_format"}."""
         return dict(self.meta["instruction"])
+
+    @property
+    def prefix_fusion(self) -> bool:
+        """True for decoder-only fusion: the adapted model reads `tokenize(instruction)` as a prefix of
+        every prompt (`jaxlm.models.prefix`), as in training."""
+        return self.config.fusion and self.meta["family"] == "llama"
 
     def tokenize(self, instruction: str) -> list[int]:
         ids = self.codec.encode(instruction)
@@ -177,7 +185,7 @@ class Hypernet:
         return self.emit_lora(instructions)[0]
 
     def emit_lora(self, instructions: Sequence[str]) -> tuple[LoraWeights, Any]:
-        """(adapters, fused instruction states or None) for encoder-decoder fusion."""
+        """(adapters, fused instruction states or None): the states only for encoder-decoder fusion."""
         if not instructions:
             raise ValueError("adapters() needs at least one instruction")
         rows = [self.tokenize(t) for t in instructions]
@@ -189,7 +197,7 @@ class Hypernet:
             width = bucket_length(max(map(len, chunk)), DEFAULT_LENGTH_BUCKETS)
             ids, mask = pad_rows(chunk, width, 0)
             out = self._run(self._encoder_params, self.params["hypernet"], jnp.asarray(ids), jnp.asarray(mask))
-            lora, f = out if self.config.fusion else (out, None)
+            lora, f = out if self._t5_fusion else (out, None)
             loras.append(jax.tree_util.tree_map(lambda x, n=n: np.asarray(x[:n]), lora.params))
             if f is not None:
                 fused.append(np.asarray(f[:n]))

@@ -322,12 +322,43 @@ def generate_rewrites(config: RewriteConfig | None = None) -> RewriteData:
 generate_rewrites.cache_clear = _generate.cache_clear  # type: ignore[attr-defined]
 
 
+REWRITE_PARTS = ("train", "test", "test_fresh")
+
+
 def rewrite_tasks(config: RewriteConfig | None, *, part: str | None = None) -> list[TaskData]:
-    """The tasks of one part: "train" (training rules), "test" (held-out rules), None (both)."""
-    if part not in (None, "train", "test"):
-        raise UsageError(f"rewrite part {part!r} is unknown; expected train (seen rules) or test (held-out rules)")
+    """The tasks of one part: "train" (training rules), "test" (held-out rules), None (both), or
+    "test_fresh" (`heldout_fresh_tasks`: the held-out rules with other inputs, to train per-rule teachers
+    that are then scored on "test")."""
+    if part not in (None, *REWRITE_PARTS):
+        raise UsageError(f"rewrite part {part!r} is unknown; expected train (seen rules), test (held-out rules) "
+                         "or test_fresh (held-out rules, inputs disjoint from test's)")
+    if part == "test_fresh":
+        return heldout_fresh_tasks(config or RewriteConfig())
     data = generate_rewrites(config)
     return {"train": data.train, "test": data.heldout, None: data.train + data.heldout}[part]
+
+
+def heldout_fresh_tasks(config: RewriteConfig, examples: int | None = None, stream: int = 8) -> list[TaskData]:
+    """The held-out rules with `examples` (default `examples_per_rule`) NEW inputs each, drawn from another
+    random stream and never equal to one of the rule's "test" inputs: what a per-rule teacher (an oracle
+    with the rule's data) is trained on so that it is scored on inputs it has not seen.
+
+    Returns:
+      One task per held-out rule, in "test" order and with its names and metadata; a task may hold a few
+      fewer than `examples` instances (draws equal to a test input are dropped).
+    """
+    import dataclasses
+
+    heldout = generate_rewrites(config).heldout
+    count = config.examples_per_rule if examples is None else examples
+    rules = [(t.metadata["x"], t.metadata["y"]) for t in heldout]
+    fresh = _tasks(config, rules, [count] * len(rules), config.num_rules, True, stream)
+    out = []
+    for test, new in zip(heldout, fresh):
+        seen = {i.input for i in test.instances}
+        kept = tuple(i for i in new.instances if i.input not in seen)
+        out.append(dataclasses.replace(test, instances=kept))
+    return out
 
 
 def fresh_training_rule_tasks(config: RewriteConfig, ranks: list[int], examples: int, stream: int = 7) -> list[TaskData]:

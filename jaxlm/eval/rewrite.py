@@ -16,6 +16,7 @@ is one batched engine call over all rules.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,13 +79,16 @@ class RewriteScores:
 
 
 def evaluate_method(engine: Any, tasks: Sequence[TaskData], method: str, *, lora: Any = None,
-                    demos: Sequence[tuple[str, str]] = (), max_new_tokens: int = 24) -> RewriteScores:
+                    demos: Sequence[tuple[str, str]] = (), max_new_tokens: int = 24,
+                    prefixes: Sequence[Sequence[int]] | None = None) -> RewriteScores:
     """One method on every instance of `tasks`; `lora` (adapter methods): N stacked adapters, adapter i
-    for tasks[i]."""
+    for tasks[i]; `prefixes` (a decoder-only fusion hypernetwork): token ids read before every prompt of
+    tasks[i], as training read the instruction."""
     if (method in ADAPTER_METHODS) != (lora is not None):
         raise UsageError(f"rewrite method {method!r}: {'needs' if method in ADAPTER_METHODS else 'takes no'} adapters")
     rows = [(i, task, inst) for i, task in enumerate(tasks) for inst in task.instances]
-    prompts = [prompt_ids(method, task, inst.input, demos) for _, task, inst in rows]
+    prompts = [([*prefixes[i]] if prefixes is not None else []) + prompt_ids(method, task, inst.input, demos)
+               for i, task, inst in rows]
     index = [i for i, _, _ in rows] if lora is not None else None
     gold = [inst.outputs[0] for _, _, inst in rows]
     answers = [BYTES.decode(r.output_ids) for r in
@@ -97,6 +101,46 @@ def evaluate_method(engine: Any, tasks: Sequence[TaskData], method: str, *, lora
                     "gold": g, "prediction": a, "correct": h, "nll": round(n, 4)}
                    for (_, task, inst), g, a, h, n in zip(rows, gold, answers, hits, nll)]
     return RewriteScores(method, 100.0 * float(np.mean(hits)), float(np.mean(nll)), predictions)
+
+
+def teacher_fit(engine: Any, teachers_dir: str | Path, config: Any, *, examples: int = 5,
+                max_new_tokens: int = 24) -> dict[str, Any]:
+    """How well per-rule LoRA teachers of TRAINING rules learned their rule (the L_ins targets).
+
+    Args:
+      engine: an engine over the base the teachers adapt.
+      teachers_dir: a LoRATeachers directory trained on the training rules (`global_task_index`:
+        teacher i <-> training rule i, or saved under the rules' names).
+      config: the RewriteConfig the rules come from.
+      examples: instances per rule in each of the two evaluations.
+      max_new_tokens: greedy decoding budget.
+
+    Returns:
+      {"teachers": N, "own_rows_em": exact match (%) on the first `examples` instances each teacher was
+      trained on, "fresh_inputs_em": on `examples` new inputs of the same rules
+      (`fresh_training_rule_tasks`), "fresh_inputs_in_context_em": the base with the rule in context on
+      those same new inputs, "examples": per rule}.
+    """
+    import dataclasses
+
+    from jaxlm.checkpoints.teachers import load_teachers, teacher_indices
+    from jaxlm.data.string_rewrite import fresh_training_rule_tasks
+    from jaxlm.models import lora as lora_lib
+
+    train = rewrite_tasks(config, part="train")
+    index = teacher_indices(teachers_dir, [t.name for t in train])
+    _, stacked = load_teachers(teachers_dir, engine.pretrained)
+    ranks = sorted((i, r) for r, t in enumerate(train) if (i := index.get(t.name)) is not None)
+    if not ranks:
+        raise ConfigError(f"teacher_fit: {teachers_dir} has no teacher for a training rule")
+    lora = lora_lib.select(stacked, np.asarray([i for i, _ in ranks]))
+    own = [dataclasses.replace(train[r], instances=train[r].instances[:examples]) for _, r in ranks]
+    fresh = fresh_training_rule_tasks(config, [r for _, r in ranks], examples)
+    run = functools.partial(evaluate_method, engine, max_new_tokens=max_new_tokens)
+    return {"teachers": len(ranks), "examples": examples,
+            "own_rows_em": round(run(own, "teacher", lora=lora).exact_match, 2),
+            "fresh_inputs_em": round(run(fresh, "teacher", lora=lora).exact_match, 2),
+            "fresh_inputs_in_context_em": round(run(fresh, "in_context").exact_match, 2)}
 
 
 @gin.configurable
@@ -165,7 +209,19 @@ class RewriteEval:
         """`evaluate_method` of one method with its adapters (`adapters`) and `max_new_tokens`; `demos`
         are used by "icil" only."""
         return evaluate_method(engine, tasks, method, lora=self.adapters(method, tasks, engine.pretrained),
-                               demos=demos if method == "icil" else (), max_new_tokens=self.max_new_tokens)
+                               demos=demos if method == "icil" else (), max_new_tokens=self.max_new_tokens,
+                               prefixes=self.prefixes(method, tasks))
+
+    def prefixes(self, method: str, tasks: Sequence[TaskData]) -> list[list[int]] | None:
+        """The instruction prefix of each task for a decoder-only fusion hypernetwork, else None."""
+        if method != "hypernet":
+            return None
+        from jaxlm.checkpoints.hypernet import load_hypernet
+
+        hyper = load_hypernet(self.hypernet)
+        if not hyper.prefix_fusion:
+            return None
+        return [hyper.tokenize(rule_text(t.metadata["x"], t.metadata["y"])) for t in tasks]
 
     def run(self, workdir: str | Path, on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Evaluate every method not yet in WORKDIR/results.jsonl; each result line is appended (and

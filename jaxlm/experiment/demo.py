@@ -125,11 +125,34 @@ class DemoRun:
 
         run = self.workdir / "tagi"
         if (run / "stage2" / "hypernet" / "hypernet.json").is_file():
-            return f"exists: {run}"
-        self.parse("tagi.gin", [f"BASE = '{self.workdir / 'base_hf'}'"])
-        run_parsed_config(run)
-        rows = [self.train_row(f"tagi/{scope}", run / scope) for scope in ("teachers", "stage1", "stage2")]
-        return "; ".join(f"{r['stage']}: loss {r['loss']:.3f} after {r['step']} steps" for r in rows) + f" -> {run}"
+            summary = f"exists: {run}"
+        else:
+            self.parse("tagi.gin", [f"BASE = '{self.workdir / 'base_hf'}'"])
+            run_parsed_config(run)
+            rows = [self.train_row(f"tagi/{scope}", run / scope) for scope in ("teachers", "stage1", "stage2")]
+            summary = "; ".join(f"{r['stage']}: loss {r['loss']:.3f} after {r['step']} steps" for r in rows) + f" -> {run}"
+        teachers = run / "teachers" / "teachers"
+        if (teachers / "teachers.json").is_file():
+            fit = self.teacher_fit(teachers)
+            summary += (f"\n  LoRA teachers ({fit['teachers']} training rules): exact match {fit['own_rows_em']:.1f}% on "
+                        f"their own rows, {fit['fresh_inputs_em']:.1f}% on new inputs (rule in context: "
+                        f"{fit['fresh_inputs_in_context_em']:.1f}%)")
+        return summary
+
+    def teacher_fit(self, teachers: Path) -> dict[str, Any]:
+        """The "teachers" row: `jaxlm.eval.rewrite.teacher_fit` of the L_ins teachers (once per run dir)."""
+        done = self.done("teachers")
+        if done:
+            return done[-1]
+        import jaxlm
+        from jaxlm.eval.engine import Engine
+        from jaxlm.eval.rewrite import teacher_fit
+
+        config = self.rules()
+        engine = Engine(jaxlm.load_pretrained(self.workdir / "base_hf"), batch_size=64, buckets=(32, 64, 128, 256))
+        row = {"study": "teachers", "method": "teacher", **teacher_fit(engine, teachers, config)}
+        self.append([row])
+        return row
 
     def stage_rewrite(self) -> str:
         import gin
@@ -189,6 +212,12 @@ class DemoRun:
             lines += [f"| {_cell(METHOD_LABELS.get(r['method'], r['method']))} | {r['exact_match']:.2f} | "
                       f"{r['target_nll']:.3f} |" for r in rewrite]
             lines.append("")
+        fit = self.done("teachers")
+        if fit:
+            f = fit[-1]
+            lines += [f"LoRA teachers of {f['teachers']} training rules (the L_ins targets): exact match "
+                      f"{f['own_rows_em']:.2f}% on their own training rows, {f['fresh_inputs_em']:.2f}% on new inputs "
+                      f"of their rule ({f['fresh_inputs_in_context_em']:.2f}% with the rule in context).", ""]
         if smol:
             tasks, methods, score = _score_grid(smol)
             lines += ["## SmolLM2-135M-Instruct on BIG-bench multiple choice (accuracy %)", "",

@@ -68,8 +68,10 @@ class HypernetConfig:
     """Hypernetwork shape; bind in gin as `HypernetConfig.lora = @LoraSpec()` etc.
 
     encoder: "base" (the base model's encoder / hidden states) or "minilm" (BERT sentence encoder).
-    fusion: join instruction states to a T5 encoder output (see `fused_logits`); `fusion_dim` is the
-    base d_model, needed only when it differs from the instruction width.
+    fusion: the adapted model also reads the instruction. T5: instruction states are joined to the
+    encoder output (see `fused_logits`); `fusion_dim` is the base d_model, needed only when it differs
+    from the instruction width. Decoder-only (Llama): the instruction tokens are a cached prefix whose
+    keys/values every example of the task attends to (`jaxlm.models.prefix`; fusion_dim unused).
     slot_queries: add a per-slot learned query table (zero at init) to layer + module embeddings.
     head_scaling: "width" (default): A = A0[slot] + (1/W) y @ K_A + bias_A and B = (1/W) y @ K_B + bias_B,
     with A0 a per-slot LoRA init (std 1/sqrt(3 d_in), a plain LoRA's A) and K_A, K_B zero at init, so

@@ -123,8 +123,9 @@ class TAGIDistillation(LanguageModel):
         if self.hypernet.encoder == "minilm":  # tagi_data tokenizes instructions with the base's vocabulary only
             raise ConfigError("HypernetConfig.encoder='minilm': TAGI data does not produce MiniLM-tokenized "
                               "instructions yet; use encoder='base'")
-        if self.hypernet.fusion and self.config.family != "t5":
-            raise ConfigError("HypernetConfig.fusion = True needs an encoder-decoder (T5) base")
+        if self.hypernet.fusion and self.config.family == "llama" and self.hypernet.fusion_dim is not None:
+            raise ConfigError("HypernetConfig.fusion_dim: decoder-only fusion attends to the instruction's own "
+                              "keys/values (no projection); leave fusion_dim unset for a Llama base")
         if self.teacher_model is not None and _load_pretrained_cached(self.teacher_model).config.vocab_size != \
                 self.config.vocab_size:
             raise ConfigError(f"TAGIDistillation.teacher_model={self.teacher_model!r}: vocabulary differs from the base")
@@ -311,25 +312,33 @@ class TAGIDistillation(LanguageModel):
 
         Returns:
           (LoraWeights with float32 leaves (G, D_in, r) / (G, r, D_out) and the spec's rank and alpha,
-          float32 instruction states (G, T, D) for T5 fusion when `hypernet.fusion`, else None).
+          float32 instruction states (G, T, D) for T5 fusion when `hypernet.fusion`, else None; a
+          decoder-only base's fusion reads the instruction tokens themselves, see `student_logits`).
         """
         h_GxTxE = hyper_lib.encode_instruction(self.hypernet.encoder, self.encoder_model,
                                                self.encoder_params(trainable, frozen), ids_GxT, mask_GxT)
-        out = self.hyper.apply({"params": trainable["hypernet"]}, h_GxTxE, mask_GxT, with_fusion=self.hypernet.fusion)
-        return out if self.hypernet.fusion else (out, None)
+        t5_fusion = self.hypernet.fusion and self.config.family == "t5"
+        out = self.hyper.apply({"params": trainable["hypernet"]}, h_GxTxE, mask_GxT, with_fusion=t5_fusion)
+        return out if t5_fusion else (out, None)
 
     # ---------------------------------------------------------------- the loss
-    def student_logits(self, params: PyTree, batch: Mapping[str, Array], lora: LoraWeights,
+    def student_logits(self, params: PyTree, batch: Mapping[str, Array], lora_G: LoraWeights,
                        fused_GxTxD: Array | None) -> Array:
-        """The student's logits: the input without the instruction, run with the generated LoRA.
+        """The student's logits: the input without the instruction in the prompt, run with the generated LoRA.
+
+        With `hypernet.fusion` the student also reads its instruction. Encoder-decoder (T5): the
+        instruction states are joined to the encoder output (`hyper_lib.fused_logits`). Decoder-only:
+        the instruction tokens (`instruction_tokens`, the base's vocabulary: encoder="base") are a cached
+        prefix (`jaxlm.models.prefix`): their keys/values are computed once per task by the adapted model
+        and every example of the task attends to them, exactly as if they preceded its tokens.
 
         Args:
           params: the base params.
-          batch: a TAGI batch (`jaxlm.features`); with fusion it needs `encoder_segment_ids`,
-            `decoder_segment_ids`, `task_index` and `instruction_mask`.
-          lora: per-example adapters, leaves (B, ...).
-          fused_GxTxD: instruction states (G, T, D) to join to the T5 encoder output (each example
-            takes its task's row via `task_index`), or None for no fusion.
+          batch: a TAGI batch (`jaxlm.features`) with `task_index` (B,); with fusion also
+            `instruction_tokens` / `instruction_mask` (G, T) and (T5) `encoder_segment_ids`,
+            `decoder_segment_ids`.
+          lora_G: the generated adapters, one per task, leaves (G, ...); example b uses task_index[b]'s.
+          fused_GxTxD: instruction states (G, T, D) to join to the T5 encoder output, or None.
 
         Returns:
           float32 logits (B, L, V) (T5: (B, Ld, V)).
@@ -337,13 +346,24 @@ class TAGIDistillation(LanguageModel):
         Raises:
           KeyError: a required feature is missing.
         """
-        if fused_GxTxD is None:
-            return self.logits(params, batch, lora)
         task_B = batch["task_index"]
+        lora_B = lora_lib.per_example(lora_G, task_B)
+        if self.hypernet.fusion and self.config.family == "llama":
+            from jaxlm.models import prefix as prefix_lib
+
+            ids, segments = batch["decoder_input_tokens"], batch.get("decoder_segment_ids")
+            mask = jnp.ones(ids.shape, bool) if segments is None else segments > 0
+            cache_G, length_G = prefix_lib.prefix_cache(self.model, params, batch["instruction_tokens"],
+                                                        batch["instruction_mask"], extra_slots=ids.shape[1], lora=lora_G)
+            return prefix_lib.continue_from_prefix(
+                self.model, params, prefix_lib.take_rows(cache_G, task_B), jnp.take(length_G, task_B), ids, mask,
+                batch.get("decoder_positions"), lora=lora_B, prefix_slots=batch["instruction_tokens"].shape[1])
+        if fused_GxTxD is None:
+            return self.logits(params, batch, lora_B)
         enc_ids = batch["encoder_input_tokens"]
         return hyper_lib.fused_logits(
             self.model, params, enc_ids, batch["encoder_segment_ids"] > 0, batch["decoder_input_tokens"],
-            jnp.take(fused_GxTxD, task_B, axis=0), jnp.take(batch["instruction_mask"], task_B, axis=0), lora=lora,
+            jnp.take(fused_GxTxD, task_B, axis=0), jnp.take(batch["instruction_mask"], task_B, axis=0), lora=lora_B,
             decoder_attention_mask_BxM=batch["decoder_segment_ids"] > 0,
         )
 
@@ -429,8 +449,7 @@ class TAGIDistillation(LanguageModel):
             if name not in batch:
                 raise ConfigError(f"TAGIDistillation needs batch[{name!r}]: use the TAGI data (jaxlm.data.tagi_batches.TagiBatches)")
         lora_G, fused = self.emit_lora(trainable, frozen, batch["instruction_tokens"], batch["instruction_mask"])
-        lora_B = lora_lib.per_example(lora_G, batch["task_index"])
-        logits_BxLxV = self.student_logits(frozen["base"], batch, lora_B, fused)
+        logits_BxLxV = self.student_logits(frozen["base"], batch, lora_G, fused)
         targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
         total, weight = losses.weighted_cross_entropy(logits_BxLxV, targets, weights)
         terms = {"ce": losses.safe_mean(total, weight)}

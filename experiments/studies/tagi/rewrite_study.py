@@ -1,136 +1,163 @@
-"""TAGI on string rewrites from scratch: every phase of the study, resumable, results to JSONL.
+"""TAGI on string rewrites, 3 seeds: the demo's pipeline per seed, every ablation, honest baselines.
 
-  python experiments/studies/tagi/rewrite_study.py --workdir runs/tagi_rewrite [--phases base,teachers,tagi,eval,report]
+  python experiments/studies/tagi/rewrite_study.py --workdir runs/tagi_rewrite [--seeds 0,1,2]
+      [--phases demo,teachers,ablations,eval,report] [--ablations no_fusion,no_pretraining,...]
 
-Phases (base, teachers and tagi skipped when their output exists):
-  base      CausalLM from scratch on "x|y|z=" rows (jaxlm/configs/tagi/rewrite_base.gin), exported by the
-            objective's `export` -> WORK/base_hf
-  teachers  LoRA teachers on "z=" rows: the first 100 training rules (for L_ins) and every held-out
-            rule (the oracle (c), trained on the held-out rules' own instances)
-  tagi      stage1 + stage2 (jaxlm/configs/tagi/rewrite_tagi.gin, plus --tagi-binding), then each
-            ablation's stage 2
-  eval      exact match on the held-out rules of (a) "z=" alone, (b) "x|y|z=", (c) the rule's LoRA
-            teacher on "z=", (d) the hypernetwork's adapter for "x|y" on "z=" (and each ablation), by
-            `jaxlm.eval.rewrite.RewriteEval`; one line per eval appended to WORK/results.jsonl
-  report    the last eval line as a markdown table and WORK/plots/tagi_rewrite.png
+Seed s draws its own rules (`RewriteConfig.seed = s`) and trains everything from scratch in WORK/seed<s>/:
+  demo       the demo's stages rules, base, tagi, rewrite (jaxlm/configs/demo/*.gin, `jaxlm.experiment.demo`):
+             the byte-level base, the L_ins teachers (their fit on own rows and on new inputs is a
+             results row), the full hypernetwork (stage 1 + stage 2, decoder-only fusion on) and the
+             no instruction / rule in context / ICIL-style / hypernetwork rows on the 40 unseen rules
+  teachers   per-rule LoRA teachers of the 40 unseen rules trained on NEW inputs of those rules
+             (`rewrite_tasks(part="test_fresh")`, disjoint from the evaluated ones): the per-rule oracle,
+             scored on inputs it was not trained on
+  ablations  one TAGI run per ablation (jaxlm/configs/tagi/ablations/<name>.gin over the demo's tagi.gin),
+             each with its own stage 1 unless the ablation drops it, reusing the seed's L_ins teachers
+  eval       the oracle and every ablation on the same unseen rules (`RewriteEval`), one row each
+Every row goes to WORK/results.jsonl (`ResultsLog`: resumable; a killed study reruns what is missing).
+  report     mean and spread over seeds per method: WORK/table.md and WORK/plots/tagi_rewrite_seeds.png
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[3]
-ABLATIONS = {  # name -> (extra gin file, stages)
-    "full": (None, None),
-    "no_pretraining": ("jaxlm/configs/tagi/ablations/no_pretraining.gin", ("stage2",)),
-    "no_ce": ("jaxlm/configs/tagi/ablations/no_ce.gin", None),
-    "no_kl": ("jaxlm/configs/tagi/ablations/no_kl.gin", None),
-    "no_ins": ("jaxlm/configs/tagi/ablations/no_ins.gin", None),
+ABLATION_DIR = "jaxlm/configs/tagi/ablations"
+ABLATIONS = ("no_fusion", "no_pretraining", "no_ce", "no_kl", "no_ins")
+LABELS = {
+    "no_instruction": "(a) no instruction",
+    "in_context": "(b) rule in context",
+    "icil": "ICIL-style demos + rule",
+    "teacher": "(c) per-rule LoRA teacher, new inputs",
+    "hypernet": "(d) hypernetwork + fusion (full)",
+    "no_fusion": "(d) no fusion",
+    "no_pretraining": "(d) no stage 1",
+    "no_ce": "(d) no L_ce",
+    "no_kl": "(d) no L_kl",
+    "no_ins": "(d) no L_ins",
 }
 
 
-def run_gin(files: list[str], bindings: list[str], workdir: Path) -> dict:
-    from jaxlm.experiment.gin_config import run_gin_files
-
-    t = time.time()
-    out = run_gin_files(files, bindings, workdir)
-    print(f"[{workdir.name}] {time.time() - t:.0f}s loss {out['loss']}", flush=True)
-    return out
+def seed_dir(work: Path, seed: int) -> Path:
+    return work / f"seed{seed}"
 
 
-def phase_base(work: Path) -> None:
-    import gin
+def demo_run(work: Path, seed: int) -> Any:
+    from jaxlm.experiment.demo import DemoRun
 
-    if (work / "base_hf" / "config.json").is_file():
-        return
-    out = run_gin(["jaxlm/configs/tagi/rewrite_base.gin"], [], work / "base")
-    gin.get_bindings("train")["objective"].export(work / "base_hf", out["state"].params, out["frozen"])
+    return DemoRun(seed_dir(work, seed), bindings=[f"RewriteConfig.seed = {seed}"])
 
 
-def phase_teachers(work: Path) -> None:
-    base = [f"TEACHER_BASE = '{work / 'base_hf'}'"]
-    if not (work / "teachers_train" / "teachers" / "teachers.json").is_file():
-        run_gin(["jaxlm/configs/tagi/rewrite_teachers.gin"], base, work / "teachers_train")
-    if not (work / "teachers_heldout" / "teachers" / "teachers.json").is_file():
-        run_gin(["jaxlm/configs/tagi/rewrite_teachers.gin"],
-                base + ["tagi_data.part = 'test'", "tagi_data.max_tasks = None", "NUM_TEACHERS = 40",
-                        "NUM_STEPS = 120"], work / "teachers_heldout")
+def phase_demo(work: Path, seed: int) -> None:
+    demo_run(work, seed).run(stages=("rules", "base", "tagi", "rewrite"))
 
 
-def phase_tagi(work: Path, names: list[str], extra_bindings: tuple[str, ...] | list[str] = ()) -> None:
-    common = [f"BASE = '{work / 'base_hf'}'", f"TEACHERS = '{work / 'teachers_train' / 'teachers'}'",
-              *extra_bindings]
-    for name in names:
-        extra, stages = ABLATIONS[name]
-        if (work / name / "stage2" / "hypernet" / "hypernet.json").is_file():
-            continue
-        files = ["jaxlm/configs/tagi/rewrite_tagi.gin"] + ([extra] if extra else [])
-        bindings = list(common)
-        if name != "full" and stages is None:  # reuse the full run's stage 1 (same pretraining)
-            bindings += ["tagi_pipeline.stages = ('stage2',)",
-                         f"stage2/TAGIDistillation.init_from = '{work / 'full' / 'stage1'}'"]
-        run_gin(files, bindings, work / name)
-
-
-def phase_eval(work: Path, names: list[str]) -> None:
-    """(a)-(d) on the held-out rules with `jaxlm.eval.rewrite.RewriteEval` (one batched engine call per
-    method, adapters gathered per row; teacher i / the hypernetwork's adapter for rule i), plus (b) on
-    20 seen rules (is the base any good at all?). One line of em_<run> / nll_<run> to results.jsonl."""
-    import gin
-
-    from jaxlm.data.string_rewrite import RewriteConfig, rewrite_tasks
-    from jaxlm.eval.rewrite import RewriteEval, evaluate_method
+def run_tagi(work: Path, seed: int, name: str, files: list[str], bindings: list[str]) -> None:
+    """One TAGI pipeline over the seed's base in WORK/seed<s>/<name> (skipped when its hypernet exists)."""
     from jaxlm.experiment.gin_config import parse_config
+    from jaxlm.experiment.runner import run_parsed_config
+
+    run = seed_dir(work, seed) / name
+    if (run / "stage2" / "hypernet" / "hypernet.json").is_file() or (run / "teachers" / "teachers" / "teachers.json").is_file():
+        return
+    t = time.time()
+    parse_config(["jaxlm/configs/demo/tagi.gin", *files],
+                 [f"RewriteConfig.seed = {seed}", f"BASE = '{seed_dir(work, seed) / 'base_hf'}'", *bindings])
+    run_parsed_config(run)
+    print(f"[seed{seed}/{name}] {time.time() - t:.0f}s", flush=True)
+
+
+def phase_teachers(work: Path, seed: int) -> None:
+    run_tagi(work, seed, "heldout_teachers", [], [
+        "tagi_pipeline.stages = ('teachers',)", "teachers/tagi_data.part = 'test_fresh'", "TEACHER_RULES = 40"])
+
+
+def phase_ablations(work: Path, seed: int, names: list[str]) -> None:
+    teachers = seed_dir(work, seed) / "tagi" / "teachers" / "teachers"
+    for name in names:
+        stages = "('stage2',)" if name == "no_pretraining" else "('stage1', 'stage2')"
+        run_tagi(work, seed, name, [f"{ABLATION_DIR}/{name}.gin"], [
+            f"tagi_pipeline.stages = {stages}", f"stage2/TAGIDistillation.teachers_dir = '{teachers}'",
+            f"stage2/tagi_data.teachers_dir = '{teachers}'"])
+
+
+def phase_eval(work: Path, seed: int, names: list[str]) -> None:
+    """Rows {"study": "rewrite", "seed", "method", "exact_match", "target_nll"} for the oracle and the ablations."""
+    import gin
+
+    from jaxlm.data.string_rewrite import RewriteConfig
+    from jaxlm.eval.rewrite import RewriteEval
     from jaxlm.jsonl import ResultsLog
 
-    parse_config(["jaxlm/configs/tagi/rewrite_model.gin"])
-    config = gin.get_configurable(RewriteConfig)()
-    common: dict[str, Any] = {"rules": config, "base": str(work / "base_hf"), "batch_size": 64, "buckets": None,
-                              "max_new_tokens": 20}
-    evaluator = RewriteEval(**common, methods=("no_instruction", "in_context", "teacher"),
-                            teachers=str(work / "teachers_heldout" / "teachers"))
-    heldout = evaluator.heldout_tasks()
-    engine = evaluator.load_engine()
-    runs = {"a_no_instruction": (evaluator, "no_instruction"), "b_in_context": (evaluator, "in_context"),
-            "c_teacher": (evaluator, "teacher")}
-    runs.update({f"d_hypernet_{n}": (RewriteEval(**common, methods=("hypernet",), hypernet=str(work / n)), "hypernet")
-                 for n in names if (work / n / "stage2" / "hypernet").is_dir()})
-    result: dict = {}
-    for key, (ev, method) in runs.items():
-        scores = ev.score(engine, heldout, method)
-        result[f"em_{key}"], result[f"nll_{key}"] = round(scores.exact_match, 2), round(scores.target_nll, 4)
-    result["heldout_rules"], result["examples"] = len(heldout), sum(len(t.instances) for t in heldout)
-    seen = [dataclasses.replace(t, instances=t.instances[:8]) for t in rewrite_tasks(config, part="train")[:20]]
-    result["train_rule_em_b_in_context"] = round(evaluate_method(engine, seen, "in_context").exact_match, 2)
-    ResultsLog(work / "results.jsonl", ensure_ascii=True).append([result])
-    print(json.dumps(result, indent=1))
+    log = ResultsLog(work / "results.jsonl", key=lambda r: (r.get("seed"), r.get("method")))
+    run = demo_run(work, seed)
+    run.parse("eval_rewrite.gin", [f"BASE = '{seed_dir(work, seed) / 'base_hf'}'"])
+    rules = gin.get_configurable(RewriteConfig)()
+    rows = [{"study": "rewrite", "seed": seed, "method": r["method"], "exact_match": r["exact_match"],
+             "target_nll": r["target_nll"]} for r in run.done("rewrite")]
+    fit = run.done("teachers")
+    if fit:
+        rows.append({"study": "teacher_fit", "seed": seed, "method": "l_ins_teachers", **{
+            k: v for k, v in fit[-1].items() if k not in ("study", "method")}})
+    base = str(seed_dir(work, seed) / "base_hf")
+    todo = {"teacher": {"methods": ("teacher",), "teachers": str(seed_dir(work, seed) / "heldout_teachers" / "teachers" / "teachers")}}
+    todo.update({n: {"methods": ("hypernet",), "hypernet": str(seed_dir(work, seed) / n)} for n in names
+                 if (seed_dir(work, seed) / n / "stage2" / "hypernet").is_dir()})
+    done = log.latest()
+    engine = None
+    for method, kw in todo.items():
+        if (seed, method) in done:
+            continue
+        evaluator = RewriteEval(rules=rules, base=base, batch_size=64, **kw)
+        engine = engine or evaluator.load_engine()
+        scores = evaluator.score(engine, evaluator.heldout_tasks(), kw["methods"][0])
+        rows.append({"study": "rewrite", "seed": seed, "method": method, "exact_match": round(scores.exact_match, 2),
+                     "target_nll": round(scores.target_nll, 4)})
+    log.append(log.pending(rows))
 
 
-LABELS = {"a_no_instruction": "(a) no instruction", "b_in_context": "(b) rule in context",
-          "c_teacher": "(c) rule's LoRA teacher (oracle)", "d_hypernet_full": "(d) hypernet, full",
-          "d_hypernet_no_pretraining": "(d) no pretraining", "d_hypernet_no_ce": "(d) no L_ce",
-          "d_hypernet_no_kl": "(d) no L_kl", "d_hypernet_no_ins": "(d) no L_ins"}
-
-
-def phase_report(work: Path) -> None:
-    """The last eval line as a markdown table and a bar plot (WORK/plots/tagi_rewrite.png)."""
+def phase_report(work: Path) -> str:
+    """Mean +- sample std over seeds of every method's exact match; table.md and a bar plot with error bars."""
     from jaxlm.eval import plots
+    from jaxlm.files import write_atomically
     from jaxlm.jsonl import ResultsLog
 
-    last = ResultsLog(work / "results.jsonl").rows()[-1]
-    keys = [k for k in LABELS if f"em_{k}" in last]
-    print("| method | EM % | NLL / target token |\n|---|---|---|")
-    for k in keys:
-        print(f"| {LABELS[k]} | {last[f'em_{k}']:.2f} | {last[f'nll_{k}']:.3f} |")
-    fig, _ = plots.hbars([LABELS[k] for k in keys], [last[f"em_{k}"] for k in keys],
-                         xlabel=f"exact match on {last['heldout_rules']} unseen rules (%)",
-                         title="TAGI on string rewrites: methods and ablations")
-    plots.save(fig, work / "plots" / "tagi_rewrite.png")
+    rows = ResultsLog(work / "results.jsonl").rows()
+    by: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r.get("study") == "rewrite":
+            by.setdefault(r["method"], {})[r["seed"]] = r
+    seeds = sorted({s for m in by.values() for s in m})
+    methods = [m for m in LABELS if m in by]
+    lines = [f"# TAGI string-rewrite study ({len(seeds)} seeds: {seeds}; 40 unseen rules x 10 each)", "",
+             "| method | EM % mean | std | per seed | NLL / token mean |", "|---|---|---|---|---|"]
+    means, errors = {}, {}
+    for m in methods:
+        em = [by[m][s]["exact_match"] for s in seeds if s in by[m]]
+        nll = [by[m][s]["target_nll"] for s in seeds if s in by[m]]
+        means[m], errors[m] = statistics.mean(em), statistics.stdev(em) if len(em) > 1 else 0.0
+        lines.append(f"| {LABELS[m]} | {means[m]:.2f} | {errors[m]:.2f} | {', '.join(f'{v:.2f}' for v in em)} | "
+                     f"{statistics.mean(nll):.3f} |")
+    fits = [r for r in rows if r.get("study") == "teacher_fit"]
+    if fits:
+        lines += ["", "L_ins teachers (LoRA per training rule): " + "; ".join(
+            f"seed {r['seed']}: {r['own_rows_em']:.1f}% on own rows, {r['fresh_inputs_em']:.1f}% on new inputs "
+            f"({r['fresh_inputs_in_context_em']:.1f}% in context)" for r in fits)]
+    text = "\n".join(lines) + "\n"
+    write_atomically(work / "table.md", lambda f: f.write(text))
+    if methods:
+        values = {(m, "EM"): means[m] for m in methods}
+        fig, _ = plots.grouped_bars(values, methods, ["EM"], labels=LABELS, errors={(m, "EM"): errors[m] for m in methods},
+                                    ylabel="exact match on unseen rules (%)", ylim=(0, 100),
+                                    title=f"TAGI on string rewrites, mean and std over {len(seeds)} seeds",
+                                    legend_kw={"fontsize": 7, "ncol": 2})
+        plots.save(fig, work / "plots" / "tagi_rewrite_seeds.png")
+    return text
 
 
 def main() -> None:
@@ -139,28 +166,32 @@ def main() -> None:
     os.chdir(REPO)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--phases", default="base,teachers,tagi,eval")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--phases", default="demo,teachers,ablations,eval,report")
     p.add_argument("--ablations", default=",".join(ABLATIONS))
-    p.add_argument("--tagi-binding", action="append", default=[],
-                   help="extra gin binding for every TAGI run, e.g. 'NUM_STEPS = 1200' (repeatable)")
     args = p.parse_args()
     work = Path(args.workdir).resolve()
     names = [n for n in args.ablations.split(",") if n]
-    for phase in args.phases.split(","):
-        t = time.time()
-        if phase == "base":
-            phase_base(work)
-        elif phase == "teachers":
-            phase_teachers(work)
-        elif phase == "tagi":
-            phase_tagi(work, names, args.tagi_binding)
-        elif phase == "eval":
-            phase_eval(work, names)
-        elif phase == "report":
-            phase_report(work)
-        else:
-            raise SystemExit(f"unknown phase {phase!r}")
-        print(f"phase {phase}: {time.time() - t:.0f}s", flush=True)
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"--ablations: {unknown} unknown; expected some of {ABLATIONS}")
+    phases = args.phases.split(",")
+    for seed in [int(s) for s in args.seeds.split(",")]:  # seed by seed: a finished seed is a finished row set
+        for phase in phases:
+            t = time.time()
+            if phase == "demo":
+                phase_demo(work, seed)
+            elif phase == "teachers":
+                phase_teachers(work, seed)
+            elif phase == "ablations":
+                phase_ablations(work, seed, names)
+            elif phase == "eval":
+                phase_eval(work, seed, names)
+            elif phase != "report":
+                raise SystemExit(f"unknown phase {phase!r}")
+            print(f"seed {seed} phase {phase}: {time.time() - t:.0f}s", flush=True)
+    if "report" in phases:
+        print(phase_report(work))
 
 
 if __name__ == "__main__":
