@@ -9,6 +9,8 @@ every method and are left out; the forward over the prompt is what differs.
 - adapter: one forward of the instruction (Definition) through the base model (the hypernetwork's
   "base" encoder), plus the hypernetwork's own pass (jaxlm/models/hypernet.py HyperLoRA: width 256,
   depth 2, LoRA r8 on q_proj/v_proj), plus LoRA-applied forwards of the 100 bare inputs;
+- adapter + fusion: the same, plus the LoRA-adapted model's pass over the instruction once per task
+  (a cached prefix, `jaxlm.models.prefix`) and every input attending to its keys/values;
 - def_pos2: Tk-Instruct definition + 2 positive examples + input, every instance;
 - ICIL: 8 fixed training-task demonstrations + the target definition + input (<= 1024 tokens).
 
@@ -35,6 +37,7 @@ from jaxlm.buckets import bucket_length, pad_rows
 from jaxlm.eval import engine as engine_lib
 from jaxlm.eval.engine import Engine
 from jaxlm.models import lora as lora_lib
+from jaxlm.models.llama import init_cache
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPEC = lora_lib.LoraSpec(("q_proj", "v_proj"), rank=8, alpha=16)
@@ -81,6 +84,67 @@ class Costs:
         for batch in self.engine._batches([len(r) for r in rows]):
             total += self.forward(bucket_length(max(len(rows[i]) for i in batch), self.engine.buckets), lora)
         return total
+
+
+class FusionCosts:
+    """Decoder-only fusion (HypernetConfig.fusion on a Llama base): the adapted model reads the instruction
+    once as a cached prefix (`jaxlm.models.prefix`), then every input attends to its keys/values too."""
+
+    def __init__(self, engine: Engine, lora):
+        from jaxlm.models import prefix as prefix_lib
+
+        self.engine, self.lora, self.prefix_lib = engine, lora, prefix_lib
+        model = engine.model
+        self._prefill = jax.jit(lambda p, i, m, a, extra: prefix_lib.prefix_cache(model, p, i, m, extra_slots=extra, lora=a),
+                                static_argnums=4)
+        self._continue = jax.jit(lambda p, c, n, i, m, a, t: prefix_lib.continue_from_prefix(
+            model, p, c, n, i, m, lora=a, gather_index=t), )
+
+    def _abstract(self, batch: int, slots: int):
+        cache = jax.eval_shape(lambda: init_cache(self.engine.pretrained.config, batch, slots))
+        return cache, jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+    def prefix_flops(self, prefix_width: int, extra: int) -> float:
+        ids = jax.ShapeDtypeStruct((1, prefix_width), jnp.int32)
+        return flops_of(self._prefill.lower(self.engine.params, ids, ids, self.lora, extra))
+
+    def continuation_flops(self, width: int, prefix_width: int) -> float:
+        b = self.engine.batch_size
+        cache, n = self._abstract(b, prefix_width + width)
+        ids = jax.ShapeDtypeStruct((b, width), jnp.int32)
+        at = jax.ShapeDtypeStruct((b,), jnp.int32)
+        return flops_of(self._continue.lower(self.engine.params, cache, n, ids, ids, self.lora, at))
+
+    def prompts(self, instruction: list[int], rows: list[list[int]]) -> float:
+        """FLOPs of one task: the adapted prefix pass once, then the engine's batches of inputs."""
+        p = bucket_length(len(instruction), self.engine.buckets)
+        widths = [bucket_length(max(len(rows[i]) for i in batch), self.engine.buckets)
+                  for batch in self.engine._batches([len(r) for r in rows])]
+        return self.prefix_flops(p, max(widths)) + sum(self.continuation_flops(w, p) for w in widths)
+
+    def latency(self, instruction: list[int], rows: list[list[int]]) -> float:
+        """Seconds for one task (compile excluded): the prefix pass, then every batch continuing from it."""
+        p = bucket_length(len(instruction), self.engine.buckets)
+        batches = list(self.engine._batches([len(r) for r in rows]))
+        widths = [bucket_length(max(len(rows[i]) for i in batch), self.engine.buckets) for batch in batches]
+        extra = max(widths)
+        pre_ids, pre_mask = pad_rows([instruction], p, 0)
+
+        def run() -> None:
+            cache, n = self._prefill(self.engine.params, pre_ids, pre_mask, self.lora, extra)
+            b = self.engine.batch_size
+            wide = self.prefix_lib.take_rows(cache, jnp.zeros((b,), jnp.int32))
+            for batch, w in zip(batches, widths):
+                chunk = [rows[i] for i in batch] + [rows[batch[0]]] * (b - len(batch))
+                ids, mask = pad_rows(chunk, w, 0)
+                last = jnp.asarray([len(r) - 1 for r in chunk], jnp.int32)
+                self._continue(self.engine.params, jax.tree_util.tree_map(lambda x: x[:, :, :p + w] if x.ndim == 4 else x[:, :p + w], wide),
+                               jnp.broadcast_to(n, (b,)), ids, mask, self.lora, last).block_until_ready()
+
+        run()  # compile every shape
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0
 
 
 def hypernet_flops(pre, instruction_ids: list[int]) -> tuple[float, float, str]:
@@ -188,21 +252,25 @@ def main() -> None:
     engine = Engine(pre, batch_size=8)
     costs = Costs(engine)
     lora = lora_lib.init_lora(SPEC, pre.params)
+    fusion = FusionCosts(engine, lora)
     rows, note = [], ""
     for name, p in prompts.items():
         enc, hyp, note = hypernet_flops(pre, p["instruction"][0])
         adapter = enc + hyp + costs.prompts(p["adapter_inputs"], lora)
         d2, ic = costs.prompts(p["def_pos2"]), costs.prompts(p["icil"])
         tokens = {k: int(sum(map(len, v))) for k, v in p.items()}
+        fused = enc + hyp + fusion.prompts(p["instruction"][0], p["adapter_inputs"])
         exact = {"adapter": costs.unpadded(p["instruction"]) + hyp + costs.unpadded(p["adapter_inputs"], lora),
                  "def_pos2": costs.unpadded(p["def_pos2"]), "icil": costs.unpadded(p["icil"])}
         rows.append({"task": name, "instances": len(p["def_pos2"]), "tokens": tokens,
                      "gflops_unpadded": {m: v / 1e9 for m, v in exact.items()},
                      "unpadded_adapter_vs_def_pos2": exact["adapter"] / exact["def_pos2"],
                      "unpadded_adapter_vs_icil": exact["adapter"] / exact["icil"],
-                     "gflops": {"adapter": adapter / 1e9, "adapter_instruction_encoding": enc / 1e9,
+                     "gflops": {"adapter": adapter / 1e9, "adapter_fusion": fused / 1e9,
+                                "adapter_instruction_encoding": enc / 1e9,
                                 "adapter_hypernet": hyp / 1e9, "def_pos2": d2 / 1e9, "icil": ic / 1e9},
-                     "adapter_vs_def_pos2": adapter / d2, "adapter_vs_icil": adapter / ic})
+                     "adapter_vs_def_pos2": adapter / d2, "adapter_vs_icil": adapter / ic,
+                     "adapter_fusion_vs_adapter": fused / adapter, "adapter_fusion_vs_def_pos2": fused / d2})
     first = next(iter(prompts.values()))
     k = min(args.latency_instances, len(first["def_pos2"]))
     scale = len(first["def_pos2"]) / k
@@ -213,6 +281,8 @@ def main() -> None:
     }
     # One instruction forward (the hypernetwork's own pass is a few small matmuls, not timed).
     lat["adapter"] = lat["adapter_inputs"] + latency(engine, first["instruction"])
+    lat["adapter_fusion"] = (latency(engine, first["instruction"])
+                             + fusion.latency(first["instruction"][0], first["adapter_inputs"][:k]) * scale)
     summary = {
         "note": note, "icil_demos": METHOD_NOTES.get("icil"),
         "mean_unpadded_flops_ratio_adapter_vs_def_pos2": float(np.mean([r["unpadded_adapter_vs_def_pos2"] for r in rows])),
@@ -223,6 +293,10 @@ def main() -> None:
         "latency_s_per_100": {m: v * 100 / len(first["def_pos2"]) for m, v in lat.items()},
         "latency_ratio_adapter_vs_def_pos2": lat["adapter"] / lat["def_pos2"],
         "latency_ratio_adapter_vs_icil": lat["adapter"] / lat["icil"],
+        "mean_flops_ratio_adapter_fusion_vs_adapter": float(np.mean([r["adapter_fusion_vs_adapter"] for r in rows])),
+        "mean_flops_ratio_adapter_fusion_vs_def_pos2": float(np.mean([r["adapter_fusion_vs_def_pos2"] for r in rows])),
+        "latency_ratio_adapter_fusion_vs_adapter": lat["adapter_fusion"] / lat["adapter"],
+        "latency_ratio_adapter_fusion_vs_def_pos2": lat["adapter_fusion"] / lat["def_pos2"],
     }
     print(json.dumps({"per_task": rows, "summary": summary}, indent=1))
     print(f"\n{'task':48} {'adapter GF':>10} {'def_pos2 GF':>11} {'ICIL GF':>9} {'ad/d2':>6} {'ad/ICIL':>7}")
@@ -236,6 +310,11 @@ def main() -> None:
           f"adapter/ICIL {summary['mean_unpadded_flops_ratio_adapter_vs_icil']:.2f}; latency ratio (task {summary['latency_task']}, "
           f"{k} instances measured) adapter/def_pos2 {summary['latency_ratio_adapter_vs_def_pos2']:.2f}, "
           f"adapter/ICIL {summary['latency_ratio_adapter_vs_icil']:.2f}. {note}")
+    print(f"fusion (instruction as a cached prefix of the adapted model): FLOPs adapter+fusion/adapter "
+          f"{summary['mean_flops_ratio_adapter_fusion_vs_adapter']:.2f}, adapter+fusion/def_pos2 "
+          f"{summary['mean_flops_ratio_adapter_fusion_vs_def_pos2']:.2f}; latency adapter+fusion/adapter "
+          f"{summary['latency_ratio_adapter_fusion_vs_adapter']:.2f}, adapter+fusion/def_pos2 "
+          f"{summary['latency_ratio_adapter_fusion_vs_def_pos2']:.2f}")
 
 
 if __name__ == "__main__":

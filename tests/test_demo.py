@@ -47,11 +47,15 @@ def test_demo_results_match_predictions(demo_run):
         assert row["exact_match"] == pytest.approx(100.0 * sum(p["prediction"] == p["gold"] for p in preds) / 16, abs=0.01)
         assert 0.0 < row["target_nll"] < 10.0
     assert len(rewrite["icil"]["icil_demos"]) == 2  # ICIL_DEMOS in tiny_demo.gin
+    fit = [r for r in rows if r["study"] == "teachers"]  # the L_ins teachers on own rows vs new inputs
+    assert len(fit) == 1 and fit[0]["teachers"] == 8 and fit[0]["examples"] == 5
+    assert all(0.0 <= fit[0][k] <= 100.0 for k in ("own_rows_em", "fresh_inputs_em", "fresh_inputs_in_context_em"))
     smol = [r for r in rows if r["study"] == "smollm2_bigbench"]
     assert {r["method"] for r in smol} == {"zero_shot", "icil", "crosstask", "crosstask:mean", "crosstask:best"}
     assert all(r["task"] == "winowhy" and 0.0 <= r["score"] <= 100.0 for r in smol)
     table = (demo_run / "table.md").read_text()
     assert "Unseen string-rewrite rules (4 held-out rules, 16 examples)" in table
+    assert f"LoRA teachers of 8 training rules (the L_ins targets): exact match {fit[0]['own_rows_em']:.2f}%" in table
     assert f"| {rewrite['icil']['exact_match']:.2f} | {rewrite['icil']['target_nll']:.3f} |" in table
     assert "SmolLM2-135M-Instruct on BIG-bench" in table and "| zero_shot |" in table
 

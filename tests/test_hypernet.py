@@ -228,6 +228,22 @@ def test_minilm_encoder_and_fusion_projection(t5):
         H.encode_instruction("minilm", t5[0], t5[2], ids, mask)
 
 
+def test_encoder_layer_reads_an_intermediate_residual_stream(llama):
+    """HypernetConfig.encoder_layer = k: the residual stream after k blocks. k = num_layers, normed by the
+    model's final RMSNorm, is the usual final hidden state; k = 1 differs; out of range is refused by name."""
+    model, _, params = llama
+    ids, mask = _ids(2, (N, T), model.config.vocab_size), _instruction_mask()
+    final = H.encode_instruction("base", model, params, ids, mask)
+    last = H.encode_instruction("base", model, params, ids, mask, layer=model.config.num_layers)
+    scale = params["norm"]["weight"]
+    normed = last * jax.lax.rsqrt(jnp.mean(last**2, -1, keepdims=True) + model.config.rms_norm_eps) * scale
+    np.testing.assert_allclose(np.asarray(normed), np.asarray(final), atol=1e-4, rtol=1e-4)
+    first = H.encode_instruction("base", model, params, ids, mask, layer=1)
+    assert first.shape == final.shape and float(jnp.abs(first - last).max()) > 1e-2
+    with pytest.raises(ConfigError, match="HypernetConfig.encoder_layer=9"):
+        H.encode_instruction("base", model, params, ids, mask, layer=9)
+
+
 def _adapter_step(boxed, width, head_scaling, lr=1e-3):
     """RMS per-entry change of the emitted A and of the emitted B after ONE Adam step on a fixed linear
     loss sum(A * R_A) + sum(B * R_B), plus the initial std of A; the same instruction states at any width."""

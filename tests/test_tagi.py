@@ -96,9 +96,9 @@ def test_hypernet_reads_each_instruction_once_per_task(monkeypatch):
     seen = []
     real = hyper_lib.encode_instruction
 
-    def spy(kind, model, params, ids, mask):
+    def spy(kind, model, params, ids, mask, *rest):
         seen.append(ids.shape)
-        return real(kind, model, params, ids, mask)
+        return real(kind, model, params, ids, mask, *rest)
 
     monkeypatch.setattr(hyper_lib, "encode_instruction", spy)
     loss, metrics = jax.jit(objective.loss)(trainable, frozen, batch, jax.random.PRNGKey(1))

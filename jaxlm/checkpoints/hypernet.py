@@ -122,6 +122,7 @@ def hypernet_config(meta: dict[str, Any]) -> Any:
 
     fields = dict(meta["hypernet"])
     fields.setdefault("head_scaling", "none")  # written before the field existed: version one's heads
+    fields.setdefault("encoder_layer", None)
     lora = fields.pop("lora")
     return HypernetConfig(lora=LoraSpec(tuple(lora["targets"]), int(lora["rank"]), float(lora["alpha"])), **fields)
 
@@ -152,12 +153,12 @@ class Hypernet:
             encoder = self.base
             self.codec = text_codec(spec, tokenizer=None if spec == "bytes" else self.base.tokenizer)
         self._encoder_params = self.params.get("encoder", encoder.params)
-        kind, model, module = self.config.encoder, encoder.model, self.module
+        kind, model, module, layer = self.config.encoder, encoder.model, self.module, self.config.encoder_layer
         fusion = self.config.fusion and self.meta["family"] == "t5"
         self._t5_fusion = fusion
 
         def run(encoder_params, hyper_params, ids, mask):  # params as arguments: never baked into the jit
-            h = hyper_lib.encode_instruction(kind, model, encoder_params, ids, mask)
+            h = hyper_lib.encode_instruction(kind, model, encoder_params, ids, mask, layer)
             return module.apply({"params": hyper_params}, h, mask, with_fusion=fusion)
 
         self._run = jax.jit(run)

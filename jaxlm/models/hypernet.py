@@ -93,6 +93,8 @@ class HypernetConfig:
       fusion_dim: see above.
       slot_queries: see above.
       head_scaling: see above.
+      encoder_layer: read the instruction from the residual stream after this many blocks of a Llama
+        encoder (`encode_instruction`); None: its final normed states.
 
     Raises:
       ConfigError: at construction, when `lora` is not a LoraSpec, `encoder` is unknown, `width` is not
@@ -109,6 +111,7 @@ class HypernetConfig:
     fusion_dim: int | None = None
     slot_queries: bool = True
     head_scaling: str = "width"
+    encoder_layer: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.lora, LoraSpec):
@@ -359,12 +362,15 @@ class HyperLoRA(nn.Module):
         return lora
 
 
-def encode_instruction(kind: str, model: nn.Module, params: PyTree, ids_NxT: Array, mask_NxT: Array) -> Array:
+def encode_instruction(kind: str, model: nn.Module, params: PyTree, ids_NxT: Array, mask_NxT: Array,
+                       layer: int | None = None) -> Array:
     """Instruction hidden states (N, T, E) float32 from an existing model, without any LoRA.
 
     kind "base": a T5 base -> its encoder output (`method=T5.encode`); a Llama base -> its final normed
-    hidden states (`output='hidden'`). kind "minilm": a BERT model's last hidden states. Gradients
-    flow into `params` iff the caller differentiates with respect to them (trainable encoder).
+    hidden states (`output='hidden'`), or with `layer` the residual stream after that many blocks
+    (`HypernetConfig.encoder_layer`: an intermediate layer, often more readable than the last one of
+    a model trained to predict the next token). kind "minilm": a BERT model's last hidden states.
+    Gradients flow into `params` iff the caller differentiates with respect to them (trainable encoder).
 
     Args:
       kind: "base" or "minilm" (`HypernetConfig.encoder`).
@@ -372,13 +378,14 @@ def encode_instruction(kind: str, model: nn.Module, params: PyTree, ids_NxT: Arr
       params: its params (boxed or plain; a top-level {'params': ...} wrapper is stripped).
       ids_NxT: integer instruction token ids (N, T).
       mask_NxT: (N, T) bool or 0/1, True on instruction tokens.
+      layer: Llama only: the number of blocks to run (1..num_layers), or None for the final states.
 
     Returns:
       float32 (N, T, E), E = d_model (T5) or hidden_size (Llama, BERT); padded positions hold values too.
 
     Raises:
-      ConfigError: an unknown `kind`, kind "minilm" with a model that is not `Bert`, or a model of
-        another class.
+      ConfigError: an unknown `kind`, kind "minilm" with a model that is not `Bert`, a model of
+        another class, or `layer` with a model that is not `Llama` or outside 1..num_layers.
     """
     from jaxlm.models.bert import Bert
     from jaxlm.models.llama import Llama
@@ -388,11 +395,14 @@ def encode_instruction(kind: str, model: nn.Module, params: PyTree, ids_NxT: Arr
         raise ConfigError(f"HypernetConfig.encoder={kind!r}: expected one of {ENCODERS}")
     if kind == "minilm" and not isinstance(model, Bert):
         raise ConfigError(f"HypernetConfig.encoder='minilm' needs a BERT model, got {type(model).__name__}")
+    if layer is not None and (not isinstance(model, Llama) or not 1 <= layer <= model.config.num_layers):
+        limit = f"1..{model.config.num_layers}" if isinstance(model, Llama) else "a Llama encoder"
+        raise ConfigError(f"HypernetConfig.encoder_layer={layer}: needs {limit} ({type(model).__name__} here)")
     variables = {"params": lora_lib.unbox(params)}
     if isinstance(model, T5):
         hidden = model.apply(variables, ids_NxT, mask_NxT, method=T5.encode)
     elif isinstance(model, Llama):
-        hidden = model.apply(variables, ids_NxT, mask_NxT, output="hidden")
+        hidden = model.apply(variables, ids_NxT, mask_NxT, output="hidden", num_layers=layer)
     elif isinstance(model, Bert):
         hidden = model.apply(variables, ids_NxT, mask_NxT)
     else:

@@ -289,6 +289,7 @@ class Llama(nn.Module):
         output: str = "logits",
         gather_index: Array | None = None,
         segment_ids: Array | None = None,
+        num_layers: int | None = None,
     ):
         """Runs the decoder over L tokens per row (a training forward, a prefill, or a decoding step).
 
@@ -305,6 +306,8 @@ class Llama(nn.Module):
           output: "logits" for float32 vocabulary logits, or "hidden" for the final normed hidden states.
           gather_index: integer (B,) or (B, T) positions to keep before the vocab projection, or None.
           segment_ids: packed-segment ids (B, L), 1.. per segment and 0 on padding; no cache allowed.
+          num_layers: run only the first `num_layers` blocks and return their output (the residual
+            stream, before the final norm) with output="hidden"; None runs every block.
 
         Returns:
           logits float32 (B, L, V) (with `gather_index`: (B, 1, V) for (B,), (B, T, V) for (B, T)), or
@@ -341,14 +344,18 @@ class Llama(nn.Module):
         block = LlamaBlock
         if c.remat != "none" and cache is None:  # same param tree, activations recomputed in backward
             block = nn.remat(LlamaBlock, policy=REMAT_POLICIES[c.remat], prevent_cse=True)
-        for i in range(c.num_layers):
+        if num_layers is not None and (output != "hidden" or cache is not None or not 0 < num_layers <= c.num_layers):
+            raise ValueError(f"num_layers={num_layers}: needs output='hidden', no cache and 1 <= num_layers <= "
+                             f"{c.num_layers}")
+        for i in range(c.num_layers if num_layers is None else num_layers):
             name = f"layers_{i}"
             layer_cache = None if cache is None else cache[name]
             x, layer_new = block(c, name=name)(x, positions, bias, sub(tree, name), scale, layer_cache, index)
             x = constrain_activation(x)
             if new_cache is not None:
                 new_cache[name] = layer_new
-        x = RMSNorm(c.rms_norm_eps, dt, pdt, name="norm")(x)
+        if num_layers is None:
+            x = RMSNorm(c.rms_norm_eps, dt, pdt, name="norm")(x)
         if gather_index is not None:  # only these positions, (B,) or (B, T), reach the vocab projection
             index = gather_index[:, None] if gather_index.ndim == 1 else gather_index
             x = jnp.take_along_axis(x, index[:, :, None], axis=1)

@@ -316,7 +316,8 @@ class TAGIDistillation(LanguageModel):
           decoder-only base's fusion reads the instruction tokens themselves, see `student_logits`).
         """
         h_GxTxE = hyper_lib.encode_instruction(self.hypernet.encoder, self.encoder_model,
-                                               self.encoder_params(trainable, frozen), ids_GxT, mask_GxT)
+                                               self.encoder_params(trainable, frozen), ids_GxT, mask_GxT,
+                                               self.hypernet.encoder_layer)
         t5_fusion = self.hypernet.fusion and self.config.family == "t5"
         out = self.hyper.apply({"params": trainable["hypernet"]}, h_GxTxE, mask_GxT, with_fusion=t5_fusion)
         return out if t5_fusion else (out, None)
