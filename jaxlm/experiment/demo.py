@@ -74,7 +74,7 @@ class DemoRun:
 
     def train_row(self, stage: str, run: Path) -> dict[str, Any]:
         """The last logged metrics of a training run (its metrics.jsonl), appended to results.jsonl."""
-        last = read_jsonl(run / "metrics.jsonl")[-1]
+        last = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r][-1]  # eval/* lines skipped
         row = {"study": "train", "stage": stage, "step": last["step"], "loss": round(float(last["loss"]), 4),
                "accuracy": round(float(last.get("accuracy", float("nan"))), 4), "run": str(run)}
         self.append([row])
@@ -225,7 +225,7 @@ class DemoRun:
         runs = {r["stage"]: Path(r["run"]) / "metrics.jsonl" for r in self.done("train")}
         runs = {k: v for k, v in runs.items() if v.is_file()}
         if runs:
-            curves = {stage: {m["step"]: m["loss"] for m in read_jsonl(path)} for stage, path in runs.items()}
+            curves = {stage: {m["step"]: m["loss"] for m in read_jsonl(path) if "loss" in m} for stage, path in runs.items()}
             fig, _ = plots.lines(curves, figsize=(7, 3.5), xlabel="step", ylabel="training loss", logy=True)
             plots.save(fig, out / "training_loss.png")
 
