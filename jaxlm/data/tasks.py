@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # seqio/TensorFlow load only when a task is registered: `jaxl
 
 # Each source's reference protocol: Tk-Instruct def_pos2 (Super-NI), BIG-bench's json_task prompt (BIG-bench,
 # BBH's zero-shot "Q: ... A:"), the from-scratch model's raw "x|y|z=" (rewrites).
-DEFAULT_FORMATS: dict[str, str] = {"superni": "def_pos2", "bigbench": "bigbench", "bbh": "bigbench", "rewrite": "rewrite"}
+DEFAULT_FORMATS: dict[str, str] = {"superni": "def_pos2", "bigbench": "bigbench", "bbh": "bigbench", "rewrite": "rewrite",
+                                   "superni_files": "def_pos2", "p3_files": "none"}  # P3 inputs are whole prompts
 # "rewrite" is `string_rewrite.rewrite_model_input` (rule tasks only); every other format is `format_prompt`'s.
 REWRITE_FORMAT = "rewrite"
 ALL_SPLITS: tuple[str, ...] = ("train", "validation", "test")
