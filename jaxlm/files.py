@@ -8,10 +8,13 @@ idea in `jaxlm.checkpoints.hf.write_dir`.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Callable
+
+from jaxlm.errors import UsageError
 
 
 def write_atomically(path: str | Path, write: Callable[[IO], None], *, binary: bool = False) -> Path:
@@ -47,3 +50,31 @@ def write_dir_atomically(path: str | Path, fill: Callable[[Path], None]) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_dir(path: str | os.PathLike, flag: str) -> Path:
+    """`path` as a local `Path`, refusing URL-style locations (gs://, s3://, hdfs://, ...).
+
+    Run directories are written with plain file I/O (metrics, TensorBoard, configs, exports), so a
+    `gs://bucket/run` would silently become the local folder `./gs:/bucket/run`; it is refused instead.
+    A network filesystem mounted on every host is the supported shared location.
+
+    Args:
+      path: the directory as given.
+      flag: the flag or field that gave it (named in the error), e.g. "--workdir".
+
+    Returns:
+      `Path(path)`.
+
+    Raises:
+      UsageError: `path` has a URL scheme.
+    """
+    text = os.fspath(path)
+    match = _SCHEME.match(text)
+    if match:
+        raise UsageError(f"{flag} {text}: {match.group(0)} locations are not supported (run directories are "
+                         f"local paths; mount the bucket, e.g. with gcsfuse, and pass the mount point)")
+    return Path(text)

@@ -4,6 +4,8 @@ the jax.profiler trace of `train.profile_steps`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gin
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,8 @@ from jaxlm.experiment.gin_config import parse_config
 from jaxlm.train.loop import train
 from jaxlm.train.metrics import gin_hparams, read_metrics
 from tests.tb_events import plugin_values, scalars
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -139,3 +143,18 @@ def test_profile_steps_writes_a_trace_and_bad_fields_are_refused(tmp_path):
         parse_config(["jaxlm/configs/tests/tiny_lm.gin"], ["NUM_STEPS = 4", "train.checkpoint_every = None", binding])
         with pytest.raises(ConfigError, match=match):
             train(workdir=tmp_path / "bad")
+
+
+def test_a_url_workdir_is_refused_in_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    from jaxlm.cli import main
+    from jaxlm.errors import UsageError
+    from jaxlm.files import local_dir
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--gin_file", f"{REPO}/jaxlm/configs/tests/tiny_lm.gin", "--workdir", "gs://bucket/run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("jaxlm: error: --workdir gs://bucket/run: gs://")
+    assert not list(tmp_path.iterdir())  # no ./gs:/bucket/run
+    with pytest.raises(UsageError, match=r"--workdir fake\+scheme://x/y: fake\+scheme:// locations"):
+        local_dir("fake+scheme://x/y", "--workdir")
+    assert local_dir(tmp_path / "a:b", "--workdir") == tmp_path / "a:b"  # a colon alone is a local name

@@ -20,6 +20,7 @@ import optax
 
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.features import BatchIterator
+from jaxlm.files import local_dir
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.sharding import make_mesh
 from jaxlm.train.steps import TrainStep
@@ -94,7 +95,7 @@ def train(
     if eval_every is not None and eval_every <= 0:
         raise ConfigError(f"train.eval_every must be positive, got {eval_every}")
     profile = _profile_range(profile_steps, num_steps)
-    workdir = Path(workdir)
+    workdir = local_dir(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     step_fn = _train_step(objective, optimizer, mesh_shape, microbatches, compute_dtype)
     iterator = data(shard_index=jax.process_index(), num_shards=jax.process_count())
