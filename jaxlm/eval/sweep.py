@@ -29,7 +29,7 @@ from jaxlm.data.schema import Instance, TaskData
 from jaxlm.errors import ConfigError, UsageError
 from jaxlm.eval import methods as methods_lib
 from jaxlm.jsonl import ResultsLog, json_line
-from jaxlm.files import write_atomically
+from jaxlm.files import data_root, write_atomically
 
 RESULTS = "results.jsonl"
 PREDICTIONS = "predictions"
@@ -168,7 +168,7 @@ def eval_sweep(
     methods: Sequence[methods_lib.Method],
     tasks: Sequence[TaskSet],
     seeds: Sequence[int] = (0,),
-    data_dir: str = "../shared/data",
+    data_dir: str | None = None,
     batch_size: int = 8,
     buckets: Sequence[int] | None = None,
     max_new_tokens: int = 32,
@@ -196,7 +196,7 @@ def eval_sweep(
                   for ts in tasks]
     for ts, loaded in zip(tasks, task_lists):
         if not loaded:
-            raise ConfigError(f"TaskSet(source={ts.source!r}, part={ts.part!r}, names={ts.names}): no tasks in {data_dir}")
+            raise ConfigError(f"TaskSet(source={ts.source!r}, part={ts.part!r}, names={ts.names}): no tasks in {data_dir or data_root()}")
     cells = [Cell(model.name, method.name, t, name, seed,
                   settings_key(model, method, tasks[t], max_new_tokens, max_source_length))
              for model in models for method in methods for t, loaded in enumerate(task_lists) for name in loaded
