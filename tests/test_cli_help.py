@@ -31,3 +31,25 @@ def test_train_mesh_flag_binds_the_mesh(tmp_path, capsys):
     finally:
         gin.clear_config()
     assert "train.mesh_shape = 'data=2,fsdp=4'" in (tmp_path / "config.gin").read_text()
+
+
+def test_eval_mesh_splits_batches_and_gives_the_same_predictions(shared_data, tmp_path):
+    import json
+
+    args = ["eval", "--gin_file", "jaxlm/configs/tests/tiny_eval.gin", f"--gin.eval_sweep.data_dir='{shared_data}'",
+            "--gin.eval_sweep.max_cells=2", "--gin.eval_sweep.progress=False", "--gin.eval_sweep.batch_size=8"]
+    try:
+        assert main([*args, "--workdir", str(tmp_path / "one")]) == 0
+        gin.clear_config()
+        assert main([*args, "--workdir", str(tmp_path / "mesh"), "--mesh", "data=8"]) == 0
+        assert "eval_sweep.mesh_shape = 'data=8'" in (tmp_path / "mesh" / "config.gin").read_text()
+        gin.clear_config()
+        assert main([*args[:-1], "--workdir", str(tmp_path / "bad"), "--mesh", "data=8"]) == 2  # batch 4, 8 devices
+    finally:
+        gin.clear_config()
+
+    def predictions(run):
+        rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+        return [(r["cell"], r["metrics"]) for r in rows]
+
+    assert predictions(tmp_path / "mesh") == predictions(tmp_path / "one")
