@@ -50,3 +50,19 @@ def test_demo_skips_the_real_data_stage_in_one_line(tmp_path, monkeypatch, capsy
     lines = [line for line in capsys.readouterr().out.splitlines() if "smollm2:" in line]
     assert len(lines) == 1 and "skipped" in lines[0] and f"{tmp_path / 'nodata' / 'bigbench'}" in lines[0]
     assert "JAXLM_DATA_DIR" in lines[0] and "--data_dir" in lines[0]
+
+
+def test_data_commands_read_the_root_and_split_means_the_split_directory(shared_data, monkeypatch, capsys):
+    import json
+
+    from jaxlm.cli import main
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(shared_data))
+    assert main(["data", "show", "--source", "bbh", "--task", "navigate", "--n", "1"]) == 0  # no --data_dir
+    assert json.loads(capsys.readouterr().out)["task"] == "navigate"
+    assert main(["data", "stats", "--source", "superni", "--split", "default", "--part", "test"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["tasks"] == 16 and summary["missing"]["count"] == 119 - 16  # the default split's test tasks
+    assert main(["data", "stats", "--source", "superni", "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxlm: error: --split test: ") and "--part test" in err and len(err.splitlines()) == 1
