@@ -62,7 +62,8 @@ def task_files(data_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of one task file through `datasets.load_dataset` (no hub access).
+    """The rows of one task file through `datasets.load_dataset` (no hub access; `datasets`' own
+    progress bars are switched off for the process).
 
     Raises:
       DataError: `datasets` cannot read the file, or `datasets` is not installed.
