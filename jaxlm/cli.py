@@ -36,6 +36,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     return parser, parser.add_subparsers(dest="command", required=True)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; an option's default appended to its help line when it has a real one
+    (not None / empty / a required option) and the help text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.required or default in (None, "", [], argparse.SUPPRESS) or isinstance(default, bool)
+                or "default" in text or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give `parser` and every subcommand parser below it `HelpFormatter`."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
+
+
 def _register_modules(sub: Any, argv: Sequence[str]) -> dict[str, Any]:
     """Import only the module owning the chosen command (all of them for bare `--help`)."""
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -46,6 +68,8 @@ def _register_modules(sub: Any, argv: Sequence[str]) -> dict[str, Any]:
         else:
             for name in names:
                 sub.add_parser(name, help=f"(see `jaxlm {name} --help`)")
+    for child in sub.choices.values():
+        _show_defaults(child)
     return handlers
 
 

@@ -17,6 +17,7 @@ from jaxlm.eval import methods
 from jaxlm.eval.engine import GenerateResult
 from jaxlm.checkpoints.pretrained import load_tokenizer
 from jaxlm.eval.sweep import split_instances
+from jaxlm.errors import ConfigError
 
 COPA = "task1393_superglue_copa_text_completion"
 TOPIC = "task645_summarization"
@@ -129,6 +130,34 @@ def test_icil_prompt_uses_the_k_the_data_allows_and_cuts_at_blank_line(tokenizer
         assert prompt == "\n\n".join(blocks + [f"Definition: {task.definition.strip()}\n\nInput: {inst.input.strip()}\nOutput: "])
     assert [r["prediction"] for r in out.records] == ["B", "B"]
     assert (tmp_path / "icil" / "seed0.json").is_file() and out.info["demo_tasks"] == demos.tasks
+
+
+def test_icil_with_the_published_demonstration_files(tokenizer, load, shared_data, tmp_path):
+    import json
+
+    from jaxlm.data.icil import ICILDemoSet
+
+    task = load("superni", "test", (COPA,))[COPA]
+    evaluated, _ = split_instances(task, 2)
+    ctx, engine = context(tokenizer, load, lambda p: " B \n\nDefinition: more", workdir=tmp_path, max_source_length=4096)
+    pattern = str(shared_data / "icil_demos" / "ICIL_seed{seed}.json")
+    method = methods.ICIL(k=8, demo_file=pattern)
+    for seed in (1, 2):
+        engine.prompts.clear()
+        out = method.run(ctx, task, evaluated, (), seed)
+        published = json.loads((shared_data / "icil_demos" / f"ICIL_seed{seed}.json").read_text())["demo"]
+        assert len(published) == 8 and out.info["k_used"] == 8
+        targets = [f"Definition: {task.definition.strip()}\n\nInput: {i.input.strip()}\nOutput: " for i in evaluated]
+        assert engine.prompts == ["\n\n".join(published + [t]) for t in targets]  # the paper's prompt, verbatim
+        assert [r["prediction"] for r in out.records] == ["B", "B"]
+        assert ICILDemoSet.from_json(tmp_path / "icil" / f"seed{seed}.json").demo_strings() == published
+    engine.prompts.clear()
+    methods.ICIL(k=3, demo_file=pattern).run(ctx, task, evaluated[:1], (), 3)
+    assert engine.prompts[0].count("Definition: ") == 4  # the first 3 demonstrations + the target
+    with pytest.raises(ConfigError, match="ICIL.k=9: .*ICIL_seed1.json holds 8 demonstrations"):
+        methods.ICIL(k=9, demo_file=pattern).run(ctx, task, evaluated, (), 1)
+    with pytest.raises(ConfigError, match="ICIL.demo_file=.*ICIL_seed11.json does not exist"):
+        methods.ICIL(demo_file=pattern).run(ctx, task, evaluated, (), 11)
 
 
 def _one_instance_sources(load):

@@ -5,11 +5,11 @@
 #
 #   tpu_gpu_launch/tpu_vm_pod.sh TPU_NAME ZONE GIN_FILE WORKDIR [--gin.KEY=value ...]
 #   e.g. tpu_gpu_launch/tpu_vm_pod.sh my-v5e-256 us-west4-a jaxlm/configs/llama_7b_finetune.gin \
-#        gs://my-bucket/runs/llama7b --gin.train.mesh_shape="'data=8,fsdp=32'"
+#        /mnt/shared/runs/llama7b --gin.train.mesh_shape="'data=8,fsdp=32'"
 #
 # Before the first run, sync the repo to every worker (JAXLM_SYNC=1 does it with scp) and install
-# the pinned environment there (requirements.lock; jax[tpu]). WORKDIR should be a gs:// bucket or a
-# shared filesystem: every host writes its shards of each checkpoint. Check the plan first:
+# the pinned environment there (requirements.lock; jax[tpu]). WORKDIR must be a shared filesystem
+# (NFS, or a bucket mounted with gcsfuse; gs:// URLs are refused): every host writes its shards of each checkpoint. Check the plan first:
 #   jaxlm plan --gin_file GIN_FILE --mesh data=8,fsdp=32 --platform tpu
 set -euo pipefail
 TPU_NAME=${1:?usage: tpu_vm_pod.sh TPU_NAME ZONE GIN_FILE WORKDIR [--gin.KEY=value ...]}

@@ -61,8 +61,13 @@ def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help=SOURCES_HELP)
-    p.add_argument("--data_dir", default=None, help="the source's data directory (not needed for rewrite)")
-    p.add_argument("--split", default=None, help="task part: train or test (Super-NI: the default split's task lists)")
+    p.add_argument("--data_dir", default=None,
+                   help="the source's folder or the task-data root (default: $JAXLM_DATA_DIR, else ../shared/data; "
+                        "not used by rewrite)")
+    p.add_argument("--split", default="default",
+                   help="Super-NI split directory under splits/, as in select and align-encoder")
+    p.add_argument("--part", default=None, choices=["train", "test"],
+                   help="only the tasks of this part (Super-NI: the --split lists; rewrite: training or held-out rules)")
 
 
 def _check_source(args) -> None:
@@ -70,8 +75,16 @@ def _check_source(args) -> None:
 
     if args.source not in SOURCES:
         raise UsageError(f"--source {args.source!r}: expected one of {sorted(SOURCES)}")
-    if args.source != "rewrite" and not args.data_dir:
-        raise UsageError(f"--data_dir is required for --source {args.source}")
+    if args.split in ("train", "test"):
+        raise UsageError(f"--split {args.split}: --split names a Super-NI split directory (splits/<split>/) in every "
+                         f"command; the task part is --part {args.split}")
+    if args.source in ("superni_files", "p3_files") and not args.data_dir:
+        raise UsageError(f"--data_dir is required for --source {args.source} (the folder of task files)")
+
+
+def _split(args) -> str | None:
+    """--split where the source has split directories (Super-NI), else None."""
+    return args.split if args.source == "superni" else None
 
 
 def cmd_data(args) -> int:
@@ -87,7 +100,7 @@ def cmd_show(args) -> int:
         raise UsageError(f"--n must be at least 1, got {args.n}")
     fmt = args.format or DEFAULT_FORMATS[args.source]
     check_format(args.source, fmt)
-    tasks = load_tasks(args.source, args.data_dir, part=args.split, names=[args.task])
+    tasks = load_tasks(args.source, args.data_dir, split=_split(args), part=args.part, names=[args.task])
     task = tasks.get(args.task)
     if task is None:
         raise DataError(f"--task {args.task!r}: not found in --data_dir {args.data_dir} (source {args.source})")
@@ -99,7 +112,7 @@ def cmd_show(args) -> int:
 def cmd_stats(args) -> int:
     from jaxlm.data.sources import task_stats
 
-    stats = task_stats(args.source, args.data_dir, part=args.split)
+    stats = task_stats(args.source, args.data_dir, split=_split(args), part=args.part)
     for row in stats["tasks"]:
         print(json.dumps(row, ensure_ascii=False))
     missing = stats.get("missing", {"count": 0, "names": []})

@@ -83,7 +83,8 @@ def cmd_eval(args: Any) -> int:
 
     if not args.gin_file:
         raise UsageError("jaxlm eval needs at least one --gin_file")
-    parse_config(args.gin_file, gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
+    mesh = [f"eval_sweep.mesh_shape = {args.mesh!r}"] if args.mesh else []  # as `plan --mesh`; --gin bindings win
+    parse_config(args.gin_file, mesh + gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
     summary = sweep.run_from_gin(args.workdir)
     print(json.dumps(summary), file=sys.stderr)
     return 0
@@ -100,4 +101,7 @@ def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_flags(p)
     p.add_argument("--workdir", required=True, help="sweep directory (a rerun skips its finished cells)")
+    p.add_argument("--mesh", default=None,
+                   help="engine device mesh, e.g. data=-1 (the same as --gin.eval_sweep.mesh_shape=\"'...'\"; "
+                        "default: one device)")
     return {"metrics": cmd_metrics, "eval": cmd_eval}

@@ -7,6 +7,9 @@ own config and takes only --gin_search_paths), t5x style:
                              need gin quotes: --gin.train.mesh_shape="'data=2,fsdp=4'")
   --gin_bindings 'KEY = V'   the same, as one argument (repeatable)
   --gin_search_paths DIRS    comma-separated directories where gin files and their includes are looked up
+  --data_dir DIR             the task-data root (superni/, bigbench/, bbh/ inside): the same as
+                             --gin.data_root.directory="'DIR'"; beats $JAXLM_DATA_DIR, which beats
+                             ../shared/data (`jaxlm.files.data_root`)
 """
 
 from __future__ import annotations
@@ -47,11 +50,16 @@ def add_gin_flags(p: argparse.ArgumentParser, file_help: str = "gin file (repeat
     p.add_argument("--gin_bindings", action="append", default=[],
                    help="'KEY = value' gin binding (repeatable); the same as --gin.KEY=value")
     p.add_argument("--gin_search_paths", default="", help="comma-separated directories to look up gin files in")
+    p.add_argument("--data_dir", default=None,
+                   help="task-data root holding superni/, bigbench/, bbh/ (default: $JAXLM_DATA_DIR, else ../shared/data)")
 
 
 def gin_bindings(args: Any) -> list[str]:
-    """Every binding of the command line, in order: --gin_bindings first, then each --gin.KEY=value."""
-    return list(args.gin_bindings) + [split_override(a) for a in getattr(args, "gin_overrides", [])]
+    """Every binding of the command line, in order: --data_dir (as `data_root.directory`), then
+    --gin_bindings, then each --gin.KEY=value (a later binding of the same key wins)."""
+    root = getattr(args, "data_dir", None)
+    first = [f"data_root.directory = {str(root)!r}"] if root else []
+    return first + list(args.gin_bindings) + [split_override(a) for a in getattr(args, "gin_overrides", [])]
 
 
 def gin_search_paths(args: Any) -> list[str]:

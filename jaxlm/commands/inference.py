@@ -37,11 +37,11 @@ model's chat template.
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF directory, .gguf file, or smollm2-135m-instruct / all-minilm-l6-v2")
+    p.add_argument("--model", required=True, help="a causal or seq2seq LM: HF directory, .gguf file, or the installed smollm2-135m-instruct")
     p.add_argument("--input", required=True, help="input JSONL file")
     p.add_argument("--output", required=True, help="output JSONL file")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory applied to every example")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="examples per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--resume", action="store_true", help="keep complete lines of an existing --output and continue")
 
@@ -173,7 +173,7 @@ def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
     gen = subparsers.add_parser("generate", help="greedy generation", description=GENERATE_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(gen)
-    gen.add_argument("--max_new_tokens", type=int, default=64)
+    gen.add_argument("--max_new_tokens", type=int, default=64, help="generated tokens per example at most")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. $'\\n\\n'")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template to text inputs")
     return {"score": cmd_score, "generate": cmd_generate}

@@ -29,7 +29,8 @@ def cmd_train(args: Any) -> int:
 
     if not args.gin_file:
         raise UsageError("jaxlm train needs at least one --gin_file")
-    parse_config(args.gin_file, gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
+    mesh = [f"train.mesh_shape = {args.mesh!r}"] if args.mesh else []  # as `plan --mesh`; --gin bindings win
+    parse_config(args.gin_file, mesh + gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
     initialize_distributed()  # joins a SLURM/TPU-pod/launcher run; a no-op for one process
 
     summary = run_parsed_config(args.workdir)  # one `train`, or a TAGI pipeline (one train per gin scope)
@@ -63,6 +64,9 @@ def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_flags(train)
     train.add_argument("--workdir", required=True, help="run directory (resumes when it has checkpoints)")
+    train.add_argument("--mesh", default=None,
+                       help="mesh shape, e.g. data=8,fsdp=32 (the same as --gin.train.mesh_shape=\"'...'\"; "
+                            "default: the config's train.mesh_shape)")
     adapter = subparsers.add_parser("adapter", help="PEFT adapter from a TAGI hypernetwork and an instruction",
                                     description=ADAPTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     adapter.add_argument("--hypernet", required=True, help="TAGI run dir or its hypernet/ dir")

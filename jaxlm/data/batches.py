@@ -100,7 +100,9 @@ def materialize_task(task_name: str, split: str = "train", cache_dir: str | Path
     because a tf.data pipeline costs ~0.2 s per task to build and drain, minutes for 1000 rewrite rules;
     tests check both give identical ids.
     """
-    import seqio
+    from jaxlm.data.tf_corner import import_seqio
+
+    seqio = import_seqio()
 
     from jaxlm.data.tasks import registration_key, registered_examples
     from jaxlm.data.vocab import vocabulary_fingerprint
@@ -378,7 +380,9 @@ def build_mixture_batches(
     cache_dir: str | None = None,
 ) -> MixtureBatches:
     """Batches of a registered seqio Mixture (at its rates) or Task (gin-friendly: plain keyword args)."""
-    import seqio
+    from jaxlm.data.tf_corner import import_seqio
+
+    seqio = import_seqio()
 
     from jaxlm.data.vocab import bos_to_prepend
 

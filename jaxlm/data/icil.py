@@ -4,7 +4,9 @@ Demonstrations come only from training tasks whose answer choices are spelled ou
 definition (the first answers of the task must appear in the definition), one demonstration per
 task of at most `max_demo_tokens` tokens, no two tasks sharing an answer label, K tasks, chosen
 by a seeded shuffle. The set is saved as JSON so a whole sweep (every model, every task) reads the
-same prompt.
+same prompt. A published demonstration file (the ICIL paper's `ICIL_seed{1..10}.json`:
+{"demo": [K strings, each "Definition: {def}\n\nInput: {x}\nOutput: {y}"]}) is read by
+`published_demo_set`; its strings are used verbatim.
 
 Prompt (joined by blank lines "\\n\\n"):
   demo:   "Definition: {def}\\n\\nInput: {x}\\nOutput: {y}"
@@ -42,7 +44,8 @@ class ICILDemoSet:
     labels: dict[str, list[str]] = field(default_factory=dict)  # task -> its answer label set
 
     def demo_strings(self) -> list[str]:
-        return [demo_text(d["definition"], d["input"], d["output"]) for d in self.demos]
+        """Each demo's block: its published "text" when it has one, else `demo_text` of its fields."""
+        return [d["text"] if "text" in d else demo_text(d["definition"], d["input"], d["output"]) for d in self.demos]
 
     def to_json(self, path: str | Path) -> Path:
         """Write atomically, so a reader never sees half a file."""
@@ -63,6 +66,45 @@ class ICILDemoSet:
             if lacking:
                 raise DataError(f"{path}: demos[{i}] lacks field(s) {lacking}")
         return cls(**{k: raw[k] for k in ("seed", "k", "tasks", "demos", "max_demo_tokens", "labels") if k in raw})
+
+
+def published_demo_set(path: str | Path, *, seed: int, k: int | None = None) -> ICILDemoSet:
+    """A published ICIL demonstration file as an ICILDemoSet (its strings kept verbatim).
+
+    Args:
+      path: a JSON file {"demo": [str, ...]}, each string "Definition: ...\n\nInput: ...\nOutput: ...".
+      seed: the seed it is recorded under (the file's own, e.g. 1 for ICIL_seed1.json).
+      k: use the first k demonstrations (default: all).
+
+    Returns:
+      ICILDemoSet with k demos {"task": "<file name>#<index>", "definition", "input", "output" (parsed
+      from the string), "text" (the string itself)}.
+
+    Raises:
+      DataError: the file is unreadable, not {"demo": [strings]}, a string is not in the demo format,
+        or it holds fewer than k demonstrations.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read the ICIL demonstration file ({e})") from None
+    strings = raw.get("demo") if isinstance(raw, dict) else None
+    if not isinstance(strings, list) or not strings or not all(isinstance(x, str) for x in strings):
+        raise DataError(f"{path}: expected {{\"demo\": [demonstration strings]}}")
+    if k is not None and not 1 <= k <= len(strings):
+        raise DataError(f"{path}: holds {len(strings)} demonstrations, k={k} asked")
+    demos = []
+    for i, text in enumerate(strings[:k]):
+        match = _PUBLISHED.fullmatch(text)
+        if match is None:
+            raise DataError(f"{path}: demo[{i}] is not 'Definition: ...\\n\\nInput: ...\\nOutput: ...'")
+        demos.append({"task": f"{path.name}#{i}", "definition": match["definition"], "input": match["input"],
+                      "output": match["output"], "text": text})
+    return ICILDemoSet(seed=seed, k=len(demos), tasks=[d["task"] for d in demos], demos=demos)
+
+
+_PUBLISHED = re.compile(r"Definition: (?P<definition>.*?)\n\nInput: (?P<input>.*)\nOutput: (?P<output>.*)", re.DOTALL)
 
 
 def demo_text(definition: str, text: str, output: str | None = None) -> str:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence, Union
 
-import seqio
-
 from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS
 from jaxlm.data.batches import MixtureBatches, build_mixture_batches, materialize_task
+from jaxlm.data.tf_corner import import_seqio
 from jaxlm.errors import UsageError
+
+seqio = import_seqio()
 
 RATE_SCHEMES = ("proportional", "uniform", "temperature")
 Rate = Union[str, Mapping[str, float]]

@@ -8,6 +8,10 @@ Sources
   bbh       BIG-Bench Hard `<task>.json` files (`jaxlm.data.bigbench`).
   rewrite   synthetic string-rewrite rules generated from a `RewriteConfig` (`jaxlm.data.string_rewrite`);
             no directory; part "train" = the training rules, "test" = the held-out rules, None = both.
+  superni_files / p3_files
+            local JSONL / Parquet / Arrow task files (one per task) read with Hugging Face `datasets`, in
+            the Super-NI row schema (input, output) or the P3 schema (inputs, targets, answer_choices)
+            (`jaxlm.data.hf_files`); no task splits.
 
 `data_dir` may be the source's own folder (`.../superni`) or a folder holding it (`.../data`, with
 `superni/`, `bigbench/`, `bbh/` inside): the readers look one level down when the folder itself is
@@ -33,7 +37,7 @@ from jaxlm.data.schema import TaskData
 from jaxlm.data.task_files import select_names
 from jaxlm.errors import UsageError
 
-SOURCES = ("superni", "bigbench", "bbh", "rewrite")
+SOURCES = ("superni", "bigbench", "bbh", "rewrite", "superni_files", "p3_files")
 SUPERNI_TEST_MAX_INSTANCES = 100  # official Super-NI test protocol: the first 100 instances of a task
 
 
@@ -67,6 +71,12 @@ def _read_tasks(source: str, data_dir, *, split, part, names, english_only, rewr
 
         tasks = bigbench.load_bigbench(data_dir, names=names) if source == "bigbench" else bigbench.load_bbh(data_dir, names=names)
         return [t for t in tasks if bigbench.is_english(t)] if english_only else tasks
+    if source in ("superni_files", "p3_files"):
+        if split is not None or part is not None:
+            raise UsageError(f"source {source} has no task splits; got split={split!r} part={part!r}")
+        from jaxlm.data import hf_files
+
+        return hf_files.load_files(data_dir, schema=source, names=names)
     from jaxlm.data import string_rewrite
 
     tasks = string_rewrite.rewrite_tasks(rewrite_config, part=part)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jaxlm.errors import DataError, UsageError
+from jaxlm.errors import DataError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,10 +79,11 @@ def cached_by_mtime(parse: Callable[..., T]) -> Callable[..., T]:
 
 
 def source_dir(data_dir: str | os.PathLike | None, folder: str, looks_right: Callable[[Path], bool]) -> Path:
-    """The source's folder: `data_dir` itself when it has the source's layout, else `data_dir/folder`."""
-    if data_dir is None:
-        raise UsageError(f"--data_dir is required for the {folder} source")
-    root = Path(data_dir)
+    """The source's folder: `data_dir` itself when it has the source's layout, else `data_dir/folder`;
+    `data_dir` None means the task-data root (`jaxlm.files.data_root`: --data_dir, $JAXLM_DATA_DIR, ../shared/data)."""
+    from jaxlm.files import data_root
+
+    root = Path(data_dir) if data_dir is not None else data_root()  # None: the task-data root setting
     if not root.is_dir():
         raise DataError(f"{root}: data directory does not exist")
     if (root / folder).is_dir() and looks_right(root / folder):  # a data root holding the source's folder

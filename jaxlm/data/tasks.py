@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # seqio/TensorFlow load only when a task is registered: `jaxl
 
 # Each source's reference protocol: Tk-Instruct def_pos2 (Super-NI), BIG-bench's json_task prompt (BIG-bench,
 # BBH's zero-shot "Q: ... A:"), the from-scratch model's raw "x|y|z=" (rewrites).
-DEFAULT_FORMATS: dict[str, str] = {"superni": "def_pos2", "bigbench": "bigbench", "bbh": "bigbench", "rewrite": "rewrite"}
+DEFAULT_FORMATS: dict[str, str] = {"superni": "def_pos2", "bigbench": "bigbench", "bbh": "bigbench", "rewrite": "rewrite",
+                                   "superni_files": "def_pos2", "p3_files": "none"}  # P3 inputs are whole prompts
 # "rewrite" is `string_rewrite.rewrite_model_input` (rule tasks only); every other format is `format_prompt`'s.
 REWRITE_FORMAT = "rewrite"
 ALL_SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -109,7 +110,9 @@ def registered_examples(name: str) -> list[tuple[list[int], list[int]]] | None:
     reg = _REGISTRATIONS.get(name)
     if reg is None:
         return None
-    import seqio
+    from jaxlm.data.tf_corner import import_seqio
+
+    seqio = import_seqio()
 
     vocabulary = seqio.TaskRegistry.get(name).output_features["targets"].vocabulary
     rows = []
@@ -159,7 +162,9 @@ def check_format(source: str, fmt: str) -> None:
 def format_preprocessor(dataset: tf.data.Dataset, *, task: TaskData, fmt: str, num_shots: int,
                         count_tokens: Callable[[str], int] | None = None, source_budget: int | None = None) -> tf.data.Dataset:
     """{"index", "id"} -> {"inputs": prompt, "targets": first reference, "id"} (the prompt format)."""
-    import tensorflow as tf
+    from jaxlm.data.tf_corner import import_tensorflow
+
+    tf = import_tensorflow()
 
     def fields(index: np.ndarray) -> tuple[bytes, bytes]:
         ex = example_fields(task, int(index), fmt, num_shots, count_tokens, source_budget)
@@ -177,7 +182,9 @@ def format_preprocessor(dataset: tf.data.Dataset, *, task: TaskData, fmt: str, n
 
 def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, ids: tuple[str, ...]) -> tf.data.Dataset:
     del split, shuffle_files, seed  # one ordered list of instances per task (see module docstring)
-    import tensorflow as tf
+    from jaxlm.data.tf_corner import import_tensorflow
+
+    tf = import_tensorflow()
 
     return tf.data.Dataset.from_tensor_slices({"index": np.arange(len(ids), dtype=np.int64), "id": list(ids)})
 
@@ -198,7 +205,9 @@ def register_task_data(
     def_pos2 then drops the positive examples that would overflow it, as its collator does. None
     keeps every example (the prompt `jaxlm data show` prints); batches left-truncate what is still long.
     """
-    import seqio
+    from jaxlm.data.tf_corner import import_seqio
+
+    seqio = import_seqio()
 
     fmt = fmt or DEFAULT_FORMATS.get(task.source, "def_pos2")
     check_format(task.source, fmt)

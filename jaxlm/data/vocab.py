@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
 from jaxlm.checkpoints.tokenizer import Tokenizer
+from jaxlm.data.tf_corner import import_seqio, import_tensorflow
+
+seqio = import_seqio()
+tf = import_tensorflow()
 
 
 class TokenizerVocabulary(seqio.Vocabulary):

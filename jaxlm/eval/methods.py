@@ -220,16 +220,35 @@ class ICIL(Method):
 
     The protocol's K = 8 needs 8 qualifying training tasks; with fewer on disk the largest K <= `k`
     the data allows is used, recorded as `k_used` in every result of the method.
+
+    `demo_file` uses a published demonstration set instead of building one (the ICIL paper's
+    `ICIL_seed{1..10}.json`, `{"demo": [K strings]}`, strings shown verbatim): a path, or a pattern
+    with "{seed}" filled with each sweep seed (`eval_sweep.seeds = (1, 2, 3)` for the paper's seeds
+    1-3). The first `k` demonstrations are used; a file with fewer is a ConfigError naming ICIL.k.
     """
 
     k: int = 8
     max_demo_tokens: int = 256
     train_source: str = "superni"
+    demo_file: str | None = None
     name: str = "icil"
     seeded: bool = True
     _demos: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    def _published(self, seed: int) -> icil.ICILDemoSet:
+        path = Path(self.demo_file.format(seed=seed) if "{seed}" in self.demo_file else self.demo_file)
+        if not path.is_file():
+            raise ConfigError(f"ICIL.demo_file={self.demo_file!r}: {path} does not exist (seed {seed})")
+        full = icil.published_demo_set(path, seed=seed)
+        if self.k > full.k:
+            raise ConfigError(f"ICIL.k={self.k}: {path} holds {full.k} demonstrations")
+        return icil.published_demo_set(path, seed=seed, k=self.k)
+
     def demo_set(self, ctx: EvalContext, seed: int) -> icil.ICILDemoSet:
+        if seed not in self._demos and self.demo_file is not None:
+            self._demos[seed] = self._published(seed)
+            if ctx.workdir is not None:
+                self._demos[seed].to_json(Path(ctx.workdir) / "icil" / f"seed{seed}.json")
         if seed not in self._demos:
             train = ctx.source_tasks(self.train_source, part="train")
             demos = None

@@ -29,7 +29,7 @@ from jaxlm.data.schema import Instance, TaskData
 from jaxlm.errors import ConfigError, UsageError
 from jaxlm.eval import methods as methods_lib
 from jaxlm.jsonl import ResultsLog, json_line
-from jaxlm.files import write_atomically
+from jaxlm.files import data_root, write_atomically
 
 RESULTS = "results.jsonl"
 PREDICTIONS = "predictions"
@@ -168,7 +168,7 @@ def eval_sweep(
     methods: Sequence[methods_lib.Method],
     tasks: Sequence[TaskSet],
     seeds: Sequence[int] = (0,),
-    data_dir: str = "../shared/data",
+    data_dir: str | None = None,
     batch_size: int = 8,
     buckets: Sequence[int] | None = None,
     max_new_tokens: int = 32,
@@ -176,17 +176,33 @@ def eval_sweep(
     embed_cache_dir: str | None = None,
     max_cells: int | None = None,
     progress: bool = True,
+    mesh_shape: str | None = None,
 ) -> dict[str, Any]:
     """Run every unfinished cell of the grid; return {"cells", "ran", "skipped", "num_compiles", "workdir"}.
 
     buckets: the engine's padded lengths (default `jaxlm.buckets.DEFAULT_LENGTH_BUCKETS`).
     max_cells: stop after running this many cells (a partial sweep; rerun to continue).
+    mesh_shape: a device mesh for the engine, e.g. "data=-1" (`jax.sharding` via `jaxlm.sharding.make_mesh`;
+      batches split over data x fsdp, which must divide `batch_size`); None: one device.
+      `jaxlm eval --mesh` binds it.
     """
     from jaxlm.data.sources import load_tasks
     from jaxlm.eval import report
     from jaxlm.eval.engine import Engine
 
     workdir = Path(workdir)
+    mesh = None
+    if mesh_shape is not None:
+        from jaxlm.sharding import make_mesh
+
+        try:
+            mesh = make_mesh(mesh_shape)
+        except ValueError as e:
+            raise ConfigError(f"eval_sweep.mesh_shape={mesh_shape!r}: {e}") from None
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        if batch_size % ways:
+            raise ConfigError(f"eval_sweep.mesh_shape={mesh_shape!r}: batch_size {batch_size} is not a multiple of "
+                              f"its data x fsdp = {ways} devices")
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval_sweep.methods: method names must be unique, got {names} (set name=...)")
@@ -196,7 +212,7 @@ def eval_sweep(
                   for ts in tasks]
     for ts, loaded in zip(tasks, task_lists):
         if not loaded:
-            raise ConfigError(f"TaskSet(source={ts.source!r}, part={ts.part!r}, names={ts.names}): no tasks in {data_dir}")
+            raise ConfigError(f"TaskSet(source={ts.source!r}, part={ts.part!r}, names={ts.names}): no tasks in {data_dir or data_root()}")
     cells = [Cell(model.name, method.name, t, name, seed,
                   settings_key(model, method, tasks[t], max_new_tokens, max_source_length))
              for model in models for method in methods for t, loaded in enumerate(task_lists) for name in loaded
@@ -218,7 +234,7 @@ def eval_sweep(
         mine = [c for c in todo if c.model == model.name]
         if not mine:
             continue
-        engine = Engine(model.load(), batch_size=batch_size,
+        engine = Engine(model.load(), batch_size=batch_size, mesh=mesh,
                         **({"buckets": tuple(buckets)} if buckets else {}))
         ctx = methods_lib.EvalContext(
             engine, engine.pretrained.tokenizer,

@@ -159,8 +159,6 @@ def tagi_data(
         tasks = tt.rewrite_tagi_tasks(rules, part=part or "train", instruction=rewrite_instruction,
                                       teachers_dir=teachers_dir, max_examples=max_instances)
     elif source == "superni":
-        if data_dir is None:
-            raise ConfigError("tagi_data.source='superni' needs tagi_data.data_dir")
         tasks = tt.superni_tagi_tasks(data_dir, tokenizer=tokenizer, part=part, names=names,
                                       teacher_format=teacher_format, student_format=student_format,
                                       max_instances=max_instances, teachers_dir=teachers_dir, codec=codec,

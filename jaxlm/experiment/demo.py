@@ -10,7 +10,8 @@ results already in RUN/results.jsonl, so a killed demo resumes where it stopped:
   rewrite  unseen rules: no instruction, rule in context, ICIL-style demos, generated adapters
            (eval_rewrite.gin) -> RUN/rewrite
   smollm2  SmolLM2-135M-Instruct on BIG-bench multiple choice: zero-shot, ICIL, cross-task
-           (smollm2_bigbench.gin) -> RUN/smollm2
+           (smollm2_bigbench.gin) -> RUN/smollm2; it reads real task data from the task-data root
+           (--data_dir, $JAXLM_DATA_DIR, ../shared/data) and is skipped in one line when that is absent
 Every result is appended to RUN/results.jsonl as it comes (`jaxlm.jsonl.ResultsLog`: fsynced, a torn
 last line dropped, rows already there not appended twice); RUN/table.md and RUN/plots/*.png
 (`jaxlm.eval.plots`) at the end.
@@ -74,7 +75,7 @@ class DemoRun:
 
     def train_row(self, stage: str, run: Path) -> dict[str, Any]:
         """The last logged metrics of a training run (its metrics.jsonl), appended to results.jsonl."""
-        last = read_jsonl(run / "metrics.jsonl")[-1]
+        last = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r][-1]  # eval/* lines skipped
         row = {"study": "train", "stage": stage, "step": last["step"], "loss": round(float(last["loss"]), 4),
                "accuracy": round(float(last.get("accuracy", float("nan"))), 4), "run": str(run)}
         self.append([row])
@@ -176,6 +177,10 @@ class DemoRun:
         from jaxlm.eval.sweep import run_from_gin
 
         self.parse("smollm2_bigbench.gin")
+        missing = _missing_task_data(("bigbench", "superni"))
+        if missing:
+            return (f"skipped: it reads real task data and {', '.join(missing)} is not there; set JAXLM_DATA_DIR "
+                    f"or pass --data_dir DIR (a folder with bigbench/ and superni/) to run it")
         out = run_from_gin(self.workdir / "smollm2")
         rows = ResultsLog(self.workdir / "smollm2" / "results.jsonl").rows()
         self.append(self.log.pending(
@@ -254,7 +259,7 @@ class DemoRun:
         runs = {r["stage"]: Path(r["run"]) / "metrics.jsonl" for r in self.done("train")}
         runs = {k: v for k, v in runs.items() if v.is_file()}
         if runs:
-            curves = {stage: {m["step"]: m["loss"] for m in read_jsonl(path)} for stage, path in runs.items()}
+            curves = {stage: {m["step"]: m["loss"] for m in read_jsonl(path) if "loss" in m} for stage, path in runs.items()}
             fig, _ = plots.lines(curves, figsize=(7, 3.5), xlabel="step", ylabel="training loss", logy=True)
             plots.save(fig, out / "training_loss.png")
 
@@ -264,6 +269,21 @@ def _score_grid(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     return tasks, methods, {(r["method"], r["task"]): r["score"] for r in rows}
+
+
+def _missing_task_data(folders: Sequence[str]) -> list[str]:
+    """The source folders the parsed sweep would read that do not exist (under `eval_sweep.data_dir`
+    when bound, else the task-data root `jaxlm.files.data_root`)."""
+    import gin
+
+    from jaxlm.files import data_root
+
+    try:
+        explicit = gin.query_parameter("eval_sweep.data_dir")
+    except ValueError:
+        explicit = None
+    root = Path(explicit) if explicit else data_root()
+    return [str(root / f) for f in folders if not (root / f).is_dir()]
 
 
 def _cell(text: str) -> str:

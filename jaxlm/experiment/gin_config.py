@@ -49,6 +49,7 @@ def register_configurables() -> None:
     from jaxlm.models.t5 import T5Config
     from jaxlm.experiment import data_sources, runner  # noqa: F401  (their @gin.configurable)
     from jaxlm.train import loop, objectives, optim, synthetic, tagi  # noqa: F401  (their @gin.configurable)
+    from jaxlm import files  # noqa: F401  (data_root)
 
     for cls in (LlamaConfig, T5Config, LoraSpec, RewriteConfig, HypernetConfig):
         gin.external_configurable(cls)

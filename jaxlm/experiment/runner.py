@@ -14,6 +14,7 @@ from typing import Any
 import gin
 
 from jaxlm.errors import ConfigError
+from jaxlm.files import local_dir
 from jaxlm.train.loop import train
 
 
@@ -33,7 +34,7 @@ def tagi_pipeline(workdir: str | Path, *, stages: tuple[str, ...] = ("stage1", "
     ablation. A rerun with the same workdir resumes each stage from its checkpoints."""
     if not stages:
         raise ConfigError("tagi_pipeline.stages is empty")
-    workdir = Path(workdir)
+    workdir = local_dir(workdir, "--workdir")
     summary: dict[str, Any] = {}
     previous: Path | None = None
     teachers: Path | None = None
@@ -77,6 +78,7 @@ def require_bindings(configurable: str, names: Sequence[str]) -> None:
 
 def run_parsed_config(workdir: str | Path) -> dict[str, Any]:
     """Run what the parsed gin config describes: `tagi_pipeline` or a single `train` (as `jaxlm train`)."""
+    local_dir(workdir, "--workdir")  # refused here, before gin wraps the error in its call trace
     if is_tagi_pipeline():
         return tagi_pipeline(workdir)
     require_bindings("train", ("objective", "optimizer", "data", "num_steps"))

@@ -20,6 +20,7 @@ import optax
 
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.features import BatchIterator
+from jaxlm.files import local_dir
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.sharding import make_mesh
 from jaxlm.train.steps import TrainStep
@@ -61,18 +62,40 @@ def train(
     seed: int = 0,
     async_checkpoint: bool = True,
     progress: bool | None = None,
+    eval_data: Callable[..., BatchIterator] | None = None,
+    eval_every: int | None = None,
+    eval_batches: int = 8,
+    profile_steps: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Train `objective` for `num_steps` steps on batches from `data(shard_index=, num_shards=)`.
 
+    Evaluation during training: with `eval_data` (a batches source like `data`, e.g. a held-out task
+    mixture or `@eval/tagi_data` with `part='test'` (held-out rules)) and `eval_every` = N, the objective's loss and
+    metrics on the first `eval_batches` batches of `eval_data` (the same ones each time) are written
+    every N steps and after the last step, as `eval/<metric>` lines of metrics.jsonl and TensorBoard
+    scalars (`jaxlm.train.evaluation`). `profile_steps` = (start, stop) traces the steps numbered
+    start .. stop - 1 (numbered as in metrics.jsonl, from 1) with `jax.profiler` into
+    `workdir/profile/` (open with TensorBoard's profile plugin or xprof).
+
     Returns {"step", "loss" (last), "losses" ({step: loss} of this invocation), "skipped_steps",
-    "resumed_from", "workdir"}.
+    "resumed_from", "workdir", "evals" ({step: eval metrics} of this invocation)}.
+
+    Raises:
+      ConfigError: a field is out of range, `eval_every` without `eval_data` or the reverse, or
+        `profile_steps` is not 1 <= start < stop <= num_steps + 1.
     """
     if nan_policy not in NAN_POLICIES:
         raise ConfigError(f"train.nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
     for name, value in (("num_steps", num_steps), ("log_every", log_every), ("microbatches", microbatches)):
         if value <= 0:
             raise ConfigError(f"train.{name} must be positive, got {value}")
-    workdir = Path(workdir)
+    if (eval_data is None) != (eval_every is None):
+        raise ConfigError("train.eval_every and train.eval_data are set together (got "
+                          f"eval_every={eval_every!r}, eval_data={'set' if eval_data is not None else None})")
+    if eval_every is not None and eval_every <= 0:
+        raise ConfigError(f"train.eval_every must be positive, got {eval_every}")
+    profile = _profile_range(profile_steps, num_steps)
+    workdir = local_dir(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     step_fn = _train_step(objective, optimizer, mesh_shape, microbatches, compute_dtype)
     iterator = data(shard_index=jax.process_index(), num_shards=jax.process_count())
@@ -97,6 +120,17 @@ def train(
         start = 0
 
     logger = metrics_lib.MetricsLogger(workdir, start_step=start, total_steps=num_steps, progress=progress)
+    evaluator = None
+    if eval_data is not None:
+        from jaxlm.train.evaluation import Evaluator
+
+        evaluator = Evaluator(step_fn, eval_data, eval_batches)
+    if jax.process_index() == 0:
+        config_text = gin.operative_config_str()
+        logger.log_run(config_text, metrics_lib.gin_hparams(config_text),
+                       ("train/loss", "eval/loss") if evaluator is not None else ("train/loss",))
+    evals: dict[int, dict[str, float]] = {}
+    tracing = False
     peak = metrics_lib.peak_flops_per_device()
     throughput = metrics_lib.Throughput()
     losses: dict[int, float] = {}
@@ -150,13 +184,26 @@ def train(
             if step == start:
                 step_fn.compiled(state, frozen, batch)  # compile outside the timed interval
                 throughput.reset()
-            state, step_metrics = step_fn(state, frozen, batch)
             done = step + 1
+            if profile is not None and done == profile[0]:
+                jax.profiler.start_trace(str(workdir / PROFILE_DIR))
+                tracing = True
+            state, step_metrics = step_fn(state, frozen, batch)
+            if tracing and done == profile[1] - 1:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+                log.info("profile of steps %d-%d written to %s", profile[0], done, workdir / PROFILE_DIR)
             # Read the previous step's metrics only now, with this step already queued on the device,
             # so the host never stalls the accelerator between steps.
             if pending is not None:
                 record(*pending)
             pending = (done, step_metrics, batch_id)
+            if evaluator is not None and (done % eval_every == 0 or done == num_steps):
+                record(*pending)  # the step's train line comes before its eval line
+                pending = None
+                evals[done] = evaluator(state.params, frozen)
+                logger.log(done, evals[done])
             if checkpointer is not None and (done % checkpoint_every == 0 or done == num_steps):
                 record(*pending)  # a checkpoint is never written past an unreported (maybe non-finite) step
                 pending = None
@@ -168,6 +215,8 @@ def train(
         if export_dir and jax.process_index() == 0:
             step_fn.objective.export(workdir / export_dir, state.params, frozen)
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         logger.close()
         if checkpointer is not None:
             checkpointer.wait()
@@ -179,9 +228,27 @@ def train(
         "skipped_steps": skipped,
         "resumed_from": start if restored is not None else None,
         "workdir": str(workdir),
+        "evals": evals,
         "state": state,
         "frozen": frozen,
     }
+
+
+PROFILE_DIR = "profile"
+
+
+def _profile_range(profile_steps: Any, num_steps: int) -> tuple[int, int] | None:
+    """`train.profile_steps` checked: None, or (start, stop) with 1 <= start < stop <= num_steps + 1."""
+    if profile_steps is None:
+        return None
+    try:
+        start, stop = (int(x) for x in profile_steps)
+    except (TypeError, ValueError):
+        raise ConfigError(f"train.profile_steps={profile_steps!r}: expected (start, stop), two step numbers") from None
+    if not 1 <= start < stop <= num_steps + 1:
+        raise ConfigError(f"train.profile_steps={profile_steps!r}: expected 1 <= start < stop <= num_steps + 1 "
+                          f"= {num_steps + 1} (traces steps start .. stop - 1)")
+    return start, stop
 
 
 def restore_trained(

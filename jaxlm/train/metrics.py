@@ -1,6 +1,10 @@
 """Run metrics: `workdir/metrics.jsonl` (one flushed line per logged step), TensorBoard scalars
 (tensorboardX, `workdir/tensorboard/`), a tqdm bar on a terminal, and MFU.
 
+TensorBoard gets every numeric metric as a scalar (`train/<name>`; a name that already has a
+prefix, e.g. `eval/loss`, keeps it), and once per run the operative gin config as text
+(`config/gin`) and its bindings as hyperparameters (the hparams plugin; `gin_hparams`).
+
 MFU = (FLOPs of one compiled step per device, from `compiled.cost_analysis()`) x steps / seconds /
 (the device's peak FLOP/s). Peaks are dense bf16 datasheet numbers per chip; the CPU entry is a
 nominal 1e11 FLOP/s per device (a few vectorised cores' order of magnitude) so CPU runs report a
@@ -17,7 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import gin
 import jax
+from gin import config_parser
 
 # device_kind substring (lower case) -> peak dense bf16 FLOP/s per device.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -111,17 +117,106 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"train/{k}", v, step)
+                    self._tb.add_scalar(k if "/" in k and k.split("/")[0] in TB_PREFIXES else f"train/{k}", v, step)
         if self._bar is not None:
             shown = {k: f"{record[k]:.4g}" for k in ("loss", "tokens_per_s") if isinstance(record.get(k), float)}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(step - self._bar.n)
+
+    def log_run(self, config_text: str, hparams: Mapping[str, Any], metrics: tuple[str, ...] = ("train/loss",)) -> None:
+        """Write the run's description to TensorBoard (process 0): the config as text and the hparams.
+
+        Args:
+          config_text: the operative gin config (shown as a code block under the tag `config/gin`).
+          hparams: {name: bool / int / float / str} (e.g. `gin_hparams(config_text)`); other values
+            are written as their repr.
+          metrics: scalar tags the hparams plugin shows beside the hyperparameters (e.g. "eval/loss").
+        """
+        if not self.enabled or self._tb is None:
+            return
+        from tensorboardX.summary import hparams as hparams_summary
+
+        self._tb.add_text("config/gin", "\n".join("    " + line for line in config_text.splitlines()), 0)
+        plain = {k: v if isinstance(v, (bool, int, float, str)) else repr(v) for k, v in hparams.items()}
+        for summary in hparams_summary(plain, {name: 0.0 for name in metrics}):
+            self._tb.file_writer.add_summary(summary)
+        self._tb.flush()
 
     def close(self) -> None:
         for handle in (self._file, self._tb, self._bar):
             if handle is not None:
                 handle.close()
         self._file = self._tb = self._bar = None
+
+
+TB_PREFIXES = ("train", "eval")
+
+
+class _Macro:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return "%" + self.name
+
+
+class _Reference:
+    """What the hparams show for `@name` / `@name()` (the configurable's name, not its value)."""
+
+    def __init__(self, name: str, evaluate: bool) -> None:
+        self.text = "@" + name + ("()" if evaluate else "")
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class _ValueHandler:
+    def configurable_reference(self, scoped_name: str, evaluate: bool) -> _Reference:
+        return _Reference(scoped_name, evaluate)
+
+    def macro(self, name: str) -> _Macro:
+        return _Macro(name)
+
+
+def gin_hparams(config_text: str | None = None) -> dict[str, bool | int | float | str]:
+    """The bindings of a gin config as flat hyperparameters, macros resolved.
+
+    Args:
+      config_text: gin config text (default: `gin.operative_config_str()`, what the run used).
+
+    Returns:
+      {"[scope/]configurable.param" or "MACRO": value}: numbers, bools and strings as they are;
+      `%MACRO` replaced by the macro's value; references as "@name" / "@name()"; None as "None";
+      tuples, lists and dicts as their repr.
+
+    Raises:
+      gin's SyntaxError: the text does not parse.
+    """
+    import io
+
+    text = gin.operative_config_str() if config_text is None else config_text
+    statements = [s for s in config_parser.ConfigParser(io.StringIO(text), _ValueHandler())
+                  if isinstance(s, config_parser.BindingStatement)]
+    macros = {s.selector: s.value for s in statements if not s.arg_name}
+
+    def plain(value: Any, depth: int = 0) -> Any:
+        if isinstance(value, _Macro) and value.name in macros and depth < 16:
+            return plain(macros[value.name], depth + 1)
+        if isinstance(value, _Macro):
+            return "%" + value.name
+        if isinstance(value, _Reference):
+            return value.text
+        if value is None:
+            return "None"
+        if isinstance(value, (bool, int, float, str)):
+            return value
+        return repr(value)
+
+    out = {}
+    for s in statements:
+        name = s.selector if not s.arg_name else f"{s.selector}.{s.arg_name}"
+        out[f"{s.scope}/{name}" if s.scope else name] = plain(s.value)
+    return out
 
 
 def _plain(value: Any) -> Any:
