@@ -112,7 +112,7 @@ class FusionCosts:
         b = self.engine.batch_size
         cache, n = self._abstract(b, prefix_width + width)
         ids = jax.ShapeDtypeStruct((b, width), jnp.int32)
-        at = jax.ShapeDtypeStruct((b,), jnp.int32)
+        at = jax.ShapeDtypeStruct((b, 16), jnp.int32)  # 16 scored positions, as the engine's scorer (Costs.forward)
         return flops_of(self._continue.lower(self.engine.params, cache, n, ids, ids, self.lora, at))
 
     def prompts(self, instruction: list[int], rows: list[list[int]]) -> float:
@@ -137,7 +137,7 @@ class FusionCosts:
             for batch, w in zip(batches, widths):
                 chunk = [rows[i] for i in batch] + [rows[batch[0]]] * (b - len(batch))
                 ids, mask = pad_rows(chunk, w, 0)
-                last = jnp.asarray([len(r) - 1 for r in chunk], jnp.int32)
+                last = jnp.asarray([[len(r) - 1] * 16 for r in chunk], jnp.int32)  # as the engine's scorer
                 self._continue(self.engine.params, jax.tree_util.tree_map(lambda x: x[:, :, :p + w] if x.ndim == 4 else x[:, :p + w], wide),
                                jnp.broadcast_to(n, (b,)), ids, mask, self.lora, last).block_until_ready()
 

@@ -216,8 +216,12 @@ class Hypernet:
         from jaxlm.models.lora import select
 
         if self.config.fusion:
-            raise CheckpointError(f"{self.directory}: a hypernetwork trained with instruction fusion needs the "
-                                  "fused instruction states at inference; a plain PEFT adapter cannot carry them")
+            how = ("the instruction's tokens read as a prefix of every prompt" if self.prefix_fusion
+                   else "the fused instruction states")
+            raise CheckpointError(f"{self.directory}: a hypernetwork trained with instruction fusion "
+                                  f"(hypernet.json hypernet.fusion) needs {how} at inference; a plain PEFT adapter "
+                                  "cannot carry them (evaluate it with jaxlm.eval.rewrite.RewriteEval or "
+                                  "Hypernet.emit_lora + Hypernet.tokenize)")
         return export_peft_adapter(select(self.adapters([instruction]), 0), self.base, output,
                                    base_model_name_or_path=str(self.base_model_dir))
 
