@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxlm.checkpoints import hf
+from jaxlm.checkpoints.generation import GenerationConfig, generation_config_to_hf, read_generation_config
 from jaxlm.checkpoints.hf import CheckpointError
 from jaxlm.checkpoints.tokenizer import Tokenizer
 
@@ -94,13 +95,28 @@ WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
 
 @dataclasses.dataclass
 class Pretrained:
-    """What `load_pretrained` returns: a family name, its config, plain param tree and tokenizer."""
+    """What `load_pretrained` returns: a family name, its config, plain param tree and tokenizer.
+
+    Attributes:
+      generation: the directory's `generation_config.json` (its EOS ids end greedy decoding), or None.
+    """
 
     family: str
     config: Any
     params: dict[str, Any]
     tokenizer: Tokenizer | None
     source: str
+    generation: GenerationConfig | None = None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end greedy decoding: generation_config.json's `eos_token_id` when it has one
+        (as in transformers), else the tokenizer's EOS ids, else the config's `eos_token_ids`."""
+        if self.generation is not None and self.generation.eos_token_ids is not None:
+            return self.generation.eos_token_ids
+        if self.tokenizer is not None:
+            return tuple(self.tokenizer.eos_ids)
+        return tuple(getattr(self.config, "eos_token_ids", ()))
 
     @property
     def model(self) -> nn.Module:
@@ -186,6 +202,7 @@ def load_tokenizer(name: str) -> Tokenizer:
 def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
     """Config, params and tokenizer from a HF directory, a .gguf file or an installed package name."""
     p = resolve_path(path)
+    generation = None
     if p.is_file() and p.suffix == ".gguf":
         from jaxlm.checkpoints.gguf import load_gguf
 
@@ -205,13 +222,17 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
             # transformers saves a tied head once (under the embedding): the file is the truth.
             config = dataclasses.replace(config, tie_word_embeddings=True)
         tokenizer = Tokenizer.from_hf_dir(p, hf_config) if (p / "tokenizer.json").is_file() else None
+        generation = read_generation_config(p)
+        start = generation.values.get("decoder_start_token_id") if generation else None
+        if start is not None and hasattr(config, "decoder_start_token_id"):  # transformers prefers this one
+            config = dataclasses.replace(config, decoder_start_token_id=int(start))
     else:
         raise CheckpointError(f"{p}: expected a Hugging Face model directory or a .gguf file")
     config = dataclasses.replace(config, dtype=dtype)
     expected = nn.unbox(abstract_params(fam.name, config))
     params = hf.convert_to_params(_strip_prefix(tensors, fam), expected, fam.hf_name, str(p))
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.dtype(config.param_dtype)), params)
-    return Pretrained(fam.name, config, params, tokenizer, str(p))
+    return Pretrained(fam.name, config, params, tokenizer, str(p), generation)
 
 
 def _strip_prefix(tensors: dict[str, np.ndarray], fam: Family) -> dict[str, np.ndarray]:
@@ -222,12 +243,21 @@ def _strip_prefix(tensors: dict[str, np.ndarray], fam: Family) -> dict[str, np.n
 
 
 def export_hf(pretrained: Pretrained, path: str | Path, params: Any | None = None) -> Path:
-    """Write a HF directory (config.json, model.safetensors, tokenizer) that transformers loads.
+    """Write a HF directory (config.json, generation_config.json, model.safetensors, tokenizer) that
+    transformers loads.
 
     Tied embeddings are written once (transformers re-ties them). `params` overrides the stored ones
-    (e.g. a merged LoRA).
+    (e.g. a merged LoRA). generation_config.json carries the config's bos/eos/pad ids, then every
+    field of the generation config the model was loaded with.
     """
     fam = family(pretrained.family)
     tensors = hf.convert_from_params(nn.unbox(params if params is not None else pretrained.params), fam.hf_name)
     tokenizer = pretrained.tokenizer
-    return hf.write_dir(path, tensors, fam.config_to_hf(pretrained.config), tokenizer.save if tokenizer else None)
+    generation = generation_config_to_hf(pretrained.config, pretrained.generation)
+
+    def extra(directory: Path) -> None:
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    return hf.write_dir(path, tensors, fam.config_to_hf(pretrained.config), extra)

@@ -32,7 +32,10 @@ GENERATE_HELP = """\
 Greedy generation with a KV cache. Each input line has {"inputs": str} or {"input_ids": [int]};
 each output line repeats it and adds "prediction" (decoded text, cut at the first --stop string)
 and "output_ids" (generated ids, EOS excluded). --chat wraps text inputs as one user turn of the
-model's chat template.
+model's chat template. Generation stops at the EOS ids of the model's generation_config.json when it
+names any (as transformers does), else at the tokenizer's; a generation_config.json field that
+changes greedy output (repetition_penalty, num_beams, ...) is refused by name, and sampling fields
+(do_sample, temperature, top_p, ...) do not apply: decoding is always greedy.
 """
 
 
