@@ -129,8 +129,60 @@ GENERATION_CONFIG: dict[str, Field] = {
     "_from_model_config": ignored("transformers bookkeeping"),
 }
 
+_SELECTS = "selects which modules get an adapter; the file's tensors are exactly those modules"
+_INIT_ONLY = "initialises A/B before training; the file holds the trained A/B"
+_BOOKKEEPING = "peft bookkeeping, not part of the adapter's function"
+
+ADAPTER_CONFIG: dict[str, Field] = {
+    "r": used("default rank (the scale is lora_alpha / r)"),
+    "lora_alpha": used("default alpha"),
+    "rank_pattern": used("per-module rank, matched as peft's get_pattern_key"),
+    "alpha_pattern": used("per-module alpha, matched as peft's get_pattern_key"),
+    "use_rslora": used("scale lora_alpha / sqrt(r)"),
+    "modules_to_save": used("full copies of base modules replace the base params (load_peft_model)"),
+    "peft_type": used("only LORA is read; any other type is refused"),
+    "target_modules": ignored(_SELECTS),
+    "exclude_modules": ignored(_SELECTS),
+    "layers_to_transform": ignored(_SELECTS),
+    "layers_pattern": ignored(_SELECTS),
+    "ensure_weight_tying": ignored("ties adapters of tied modules; the file's tensors are what is applied"),
+    "lora_dropout": ignored("training-time dropout; inference does not drop"),
+    "inference_mode": ignored(_BOOKKEEPING),
+    "task_type": ignored(_BOOKKEEPING),
+    "auto_mapping": ignored(_BOOKKEEPING),
+    "peft_version": ignored(_BOOKKEEPING),
+    "base_model_name_or_path": ignored("names the base; the caller chooses the base it loads"),
+    "revision": ignored("a hub revision of the base; the caller chooses the base it loads"),
+    "megatron_config": ignored("Megatron tensor-parallel layout of the same function"),
+    "megatron_core": ignored("Megatron tensor-parallel layout of the same function"),
+    "runtime_config": ignored("ephemeral GPU offload; a placement setting"),
+    "qalora_group_size": ignored("used only with use_qalora, which is refused"),
+    "eva_config": ignored(_INIT_ONLY),
+    "loftq_config": ignored("used only with init_lora_weights='loftq', which is refused"),
+    "corda_config": ignored("used only with init_lora_weights='corda', which is refused"),
+    "lora_ga_config": ignored("used only with init_lora_weights='lora_ga', which is refused"),
+    "init_lora_weights": refused(
+        "pissa/olora/corda/loftq/lora_ga/mica initialisation rewrites the base weights, which the file does not hold",
+        True, False, "gaussian", "eva", "orthogonal"),
+    "fan_in_fan_out": refused("GPT-2 Conv1D (in, out) layout; jaxlm's families have none", False),
+    "bias": refused("trained base biases are saved beside the adapter", "none"),
+    "lora_bias": refused("a bias on lora_B", False),
+    "use_dora": refused("DoRA weight decomposition", False),
+    "use_qalora": refused("quantization-aware LoRA pooling", False),
+    "use_bdlora": refused("block-diagonal LoRA", False),
+    "target_parameters": refused("LoRA on raw parameters (MoE experts)"),
+    "trainable_token_indices": refused("trained rows of the embedding"),
+    "layer_replication": refused("replicates base layers"),
+    "alora_invocation_tokens": refused("activated LoRA applies the adapter only after these tokens"),
+    "arrow_config": refused("Arrow routing between adapters"),
+    "monteclora_config": refused("Monte Carlo LoRA sampling"),
+    "kasa_config": refused("KaSA singular-value adaptation"),
+    "velora_config": refused("VeLoRA"),
+}
+
 TABLES: dict[str, dict[str, Field]] = {
     "generation_config.json": GENERATION_CONFIG,
+    "adapter_config.json": ADAPTER_CONFIG,
 }
 
 

@@ -35,10 +35,37 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
 
 
+def read_safetensors_file(file: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file as a numpy array in its stored dtype (bf16 as
+    `ml_dtypes.bfloat16`, which plain numpy readers cannot load).
+
+    Args:
+      file: a .safetensors file.
+
+    Returns:
+      {tensor name: array}, in the file's order.
+
+    Raises:
+      CheckpointError: the file is missing or unreadable (naming the file and the reader's error).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="flax") as f:
+            return {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """True for numpy float dtypes and ml_dtypes' (bfloat16, float8), whose numpy kind is 'V'."""
+    import jax.numpy as jnp
+
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a HF directory as float32/int numpy arrays (follows a sharded index)."""
-    from safetensors.numpy import load_file
-
     path = Path(path)
     index = path / INDEX_NAME
     if index.is_file():
@@ -55,12 +82,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: named in {INDEX_NAME} but missing")
-        try:
-            loaded = load_file(str(file))
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
-        for key, value in loaded.items():
-            tensors[key] = value.astype(np.float32) if value.dtype.kind == "f" else value
+        for key, value in read_safetensors_file(file).items():
+            tensors[key] = value.astype(np.float32) if is_float(value.dtype) else value
     return tensors
 
 

@@ -50,12 +50,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> tuple[Any, Any]:
-    from jaxlm.checkpoints.peft import load_peft_adapter
+    from jaxlm.checkpoints.peft import load_peft_model
     from jaxlm.checkpoints.pretrained import load_pretrained
 
     pretrained = load_pretrained(args.model, dtype=args.dtype)
-    lora = load_peft_adapter(args.adapter, pretrained) if args.adapter else None
-    return pretrained, lora
+    if not args.adapter:
+        return pretrained, None
+    return load_peft_model(args.adapter, pretrained)  # modules_to_save replace base params
 
 
 def _ids(row: dict, key_text: str, key_ids: str, tokenizer, path: str, special: bool) -> list[int]:
