@@ -180,10 +180,164 @@ ADAPTER_CONFIG: dict[str, Field] = {
     "velora_config": refused("VeLoRA"),
 }
 
+_DESCRIPTIVE = "descriptive metadata"
+_OTHER_ARCH = "a hyperparameter of other architectures (MoE, MLA, SSM, RWKV, Gemma, ...) that changes their numbers"
+_GGUF_OTHER_ARCH = (
+    "{arch}.embedding_length_out", "{arch}.features_length", "{arch}.leading_dense_block_count",
+    "{arch}.expert_feed_forward_length", "{arch}.expert_shared_feed_forward_length",
+    "{arch}.expert_chunk_feed_forward_length", "{arch}.use_parallel_residual", "{arch}.tensor_data_layout",
+    "{arch}.expert_count", "{arch}.expert_used_count", "{arch}.expert_shared_count", "{arch}.expert_group_count",
+    "{arch}.expert_group_used_count", "{arch}.expert_weights_scale", "{arch}.expert_weights_norm",
+    "{arch}.expert_gating_func", "{arch}.expert_group_scale", "{arch}.experts_per_group", "{arch}.moe_every_n_layers",
+    "{arch}.moe_latent_size", "{arch}.nextn_predict_layers", "{arch}.n_deepstack_layers", "{arch}.pooling_type",
+    "{arch}.logit_scale", "{arch}.decoder_start_token_id", "{arch}.decoder_block_count",
+    "{arch}.attn_logit_softcapping", "{arch}.router_logit_softcapping", "{arch}.final_logit_softcapping",
+    "{arch}.swin_norm", "{arch}.rescale_every_n_layers", "{arch}.time_mix_extra_dim", "{arch}.time_decay_extra_dim",
+    "{arch}.residual_scale", "{arch}.embedding_scale", "{arch}.token_shift_count", "{arch}.interleave_moe_layer_step",
+    "{arch}.full_attention_interval", "{arch}.activation_sparsity_scale", "{arch}.altup.active_idx",
+    "{arch}.altup.num_inputs", "{arch}.embedding_length_per_layer_input", "{arch}.swiglu_clamp_exp",
+    "{arch}.swiglu_clamp_shexp", "{arch}.{dense}_feat_in", "{arch}.{dense}_feat_out",
+    "{arch}.attention.max_alibi_bias", "{arch}.attention.clamp_kqv", "{arch}.attention.layer_norm_epsilon",
+    "{arch}.attention.group_norm_epsilon", "{arch}.attention.group_norm_groups", "{arch}.attention.q_lora_rank",
+    "{arch}.attention.kv_lora_rank", "{arch}.attention.decay_lora_rank", "{arch}.attention.iclr_lora_rank",
+    "{arch}.attention.value_residual_mix_lora_rank", "{arch}.attention.gate_lora_rank",
+    "{arch}.attention.relative_buckets_count", "{arch}.attention.scale", "{arch}.attention.output_scale",
+    "{arch}.attention.temperature_length", "{arch}.attention.key_length_mla", "{arch}.attention.value_length_mla",
+    "{arch}.attention.key_length_swa", "{arch}.attention.value_length_swa", "{arch}.attention.shared_kv_layers",
+    "{arch}.attention.sliding_window_pattern", "{arch}.attention.temperature_scale",
+    "{arch}.rope.dimension_count_swa", "{arch}.rope.dimension_sections", "{arch}.rope.freq_base_swa",
+    "{arch}.rope.scaling.alpha", "{arch}.ssm.conv_kernel", "{arch}.ssm.inner_size", "{arch}.ssm.state_size",
+    "{arch}.ssm.time_step_rank", "{arch}.ssm.group_count", "{arch}.ssm.dt_b_c_rms", "{arch}.wkv.head_size",
+    "{arch}.posnet.embedding_length", "{arch}.posnet.block_count", "{arch}.convnext.embedding_length",
+    "{arch}.convnext.block_count", "{arch}.classifier.output_labels", "{arch}.shortconv.l_cache",
+    "{arch}.kda.head_dim",
+)
+# Neutral values llama.cpp writes for llama files that do not use the feature.
+_GGUF_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "{arch}.expert_count": (0,), "{arch}.expert_used_count": (0,), "{arch}.use_parallel_residual": (False,),
+    "{arch}.leading_dense_block_count": (0,), "{arch}.nextn_predict_layers": (0,), "{arch}.logit_scale": (1.0,),
+    "{arch}.residual_scale": (1.0,), "{arch}.embedding_scale": (1.0,), "{arch}.attention.max_alibi_bias": (0.0,),
+    "{arch}.attention.clamp_kqv": (0.0,), "{arch}.attn_logit_softcapping": (0.0,),
+    "{arch}.final_logit_softcapping": (0.0,),
+}
+_GGUF_DESCRIPTIVE = (
+    "general.name", "general.author", "general.version", "general.organization", "general.finetune",
+    "general.basename", "general.description", "general.quantized_by", "general.size_label", "general.license",
+    "general.license.name", "general.license.link", "general.url", "general.doi", "general.uuid", "general.repo_url",
+    "general.source.url", "general.source.doi", "general.source.uuid", "general.source.repo_url",
+    "general.base_model.count", "general.base_model.{id}.name", "general.base_model.{id}.author",
+    "general.base_model.{id}.version", "general.base_model.{id}.organization", "general.base_model.{id}.description",
+    "general.base_model.{id}.url", "general.base_model.{id}.doi", "general.base_model.{id}.uuid",
+    "general.base_model.{id}.repo_url", "general.dataset.count", "general.dataset.{id}.name",
+    "general.dataset.{id}.author", "general.dataset.{id}.version", "general.dataset.{id}.organization",
+    "general.dataset.{id}.description", "general.dataset.{id}.url", "general.dataset.{id}.doi",
+    "general.dataset.{id}.uuid", "general.dataset.{id}.repo_url", "general.tags", "general.languages",
+)
+_GGUF_SAMPLING = (
+    "general.sampling.sequence", "general.sampling.top_k", "general.sampling.top_p", "general.sampling.min_p",
+    "general.sampling.xtc_probability", "general.sampling.xtc_threshold", "general.sampling.temp",
+    "general.sampling.penalty_last_n", "general.sampling.penalty_repeat", "general.sampling.mirostat",
+    "general.sampling.mirostat_tau", "general.sampling.mirostat_eta",
+)
+_TOKEN_ID = "a special token id jaxlm does not insert (fill-in-the-middle, separators, ...)"
+
+GGUF: dict[str, Field] = {
+    "general.architecture": used("llama or mistral; others are refused by name"),
+    "general.type": refused("a GGUF that is not a model (a LoRA adapter, a vision projector)", "model"),
+    "general.quantization_version": ignored("the gguf package dequantizes every supported tensor type"),
+    "general.alignment": ignored("byte layout, read by the gguf package"),
+    "general.file_type": ignored("each tensor states its own type"),
+    **{k: ignored(_DESCRIPTIVE) for k in _GGUF_DESCRIPTIVE},
+    **{k: ignored(_SAMPLING) for k in _GGUF_SAMPLING},
+    "{arch}.vocab_size": used("V (else the token count)"),
+    "{arch}.context_length": used("max_position_embeddings"),
+    "{arch}.embedding_length": used("hidden_size"),
+    "{arch}.block_count": used("num_layers"),
+    "{arch}.feed_forward_length": used("intermediate_size"),
+    "{arch}.attention.head_count": used("num_heads"),
+    "{arch}.attention.head_count_kv": used("num_kv_heads"),
+    "{arch}.attention.key_length": used("head_dim"),
+    "{arch}.attention.value_length": used("must equal key_length (refused otherwise)"),
+    "{arch}.attention.layer_norm_rms_epsilon": used("rms_norm_eps"),
+    "{arch}.attention.causal": refused("non-causal attention", True),
+    "{arch}.attention.sliding_window": used("Mistral's sliding window"),
+    "{arch}.rope.dimension_count": used("must equal head_dim: partial rotary is refused"),
+    "{arch}.rope.freq_base": used("rope_theta"),
+    "{arch}.rope.scaling.type": used("none, linear or yarn; others refused"),
+    "{arch}.rope.scaling.factor": used("the scaling factor"),
+    "{arch}.rope.scaling.original_context_length": used("yarn's original context"),
+    "{arch}.rope.scaling.yarn_beta_fast": used("yarn's beta_fast"),
+    "{arch}.rope.scaling.yarn_beta_slow": used("yarn's beta_slow"),
+    "{arch}.rope.scaling.finetuned": ignored("records whether the model was fine-tuned with the scaling"),
+    "{arch}.rope.scaling.attn_factor": refused("llama.cpp's extra attention scale", 1.0),
+    "{arch}.rope.scaling.yarn_log_multiplier": refused("DeepSeek's yarn mscale multiplier", 0.0),
+    "{arch}.rope.scaling.yarn_ext_factor": refused("llama.cpp's yarn extrapolation mix override", -1.0),
+    "{arch}.rope.scaling.yarn_attn_factor": refused("llama.cpp's yarn attention factor override", 1.0),
+    **{k: refused(_OTHER_ARCH, *_GGUF_NEUTRAL.get(k, ())) for k in _GGUF_OTHER_ARCH},
+    "split.no": ignored("which part of a split file this is"),
+    "split.count": refused("a model split over several .gguf files; merge them with llama-gguf-split", 0, 1),
+    "split.tensors.count": ignored("tensor count over the split files"),
+    "adapter.type": refused("a GGUF LoRA adapter, not a model"),
+    "adapter.lora.alpha": refused("a GGUF LoRA adapter, not a model"),
+    "adapter.lora.task_name": refused("a GGUF LoRA adapter, not a model"),
+    "adapter.lora.prompt_prefix": refused("a GGUF LoRA adapter, not a model"),
+    "adapter.alora.invocation_tokens": refused("a GGUF activated-LoRA adapter, not a model"),
+    "tokenizer.ggml.model": used("gpt2 (byte-level BPE) or llama (SentencePiece BPE); others refused"),
+    "tokenizer.ggml.pre": used("the byte-level pre-tokenizer split; unknown ones refused"),
+    "tokenizer.ggml.tokens": used("the vocabulary"),
+    "tokenizer.ggml.token_type": used("control (special) and user-defined tokens"),
+    "tokenizer.ggml.token_type_count": ignored("the number of token types, implied by token_type"),
+    "tokenizer.ggml.scores": used("SentencePiece merge priorities when the file has no merges"),
+    "tokenizer.ggml.merges": used("BPE merges"),
+    "tokenizer.ggml.bos_token_id": used("BOS"),
+    "tokenizer.ggml.eos_token_id": used("EOS"),
+    "tokenizer.ggml.eot_token_id": refused("an end-of-turn id that would end generation beside EOS"),
+    "tokenizer.ggml.eom_token_id": refused("an end-of-message id that would end generation beside EOS"),
+    "tokenizer.ggml.unknown_token_id": ignored("byte fallback / byte-level BPE never emit the unknown token"),
+    "tokenizer.ggml.seperator_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.padding_token_id": used("pad id"),
+    "tokenizer.ggml.mask_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.add_bos_token": used("BOS on encode (SentencePiece default: true)"),
+    "tokenizer.ggml.add_eos_token": used("EOS on encode"),
+    "tokenizer.ggml.add_sep_token": refused("a separator appended on encode", False),
+    "tokenizer.ggml.add_space_prefix": used("true is the SentencePiece default; false refused"),
+    "tokenizer.ggml.remove_extra_whitespaces": refused("whitespace normalisation before SentencePiece", False),
+    "tokenizer.ggml.precompiled_charsmap": refused("a SentencePiece normaliser (T5 / Unigram tokenizers)"),
+    "tokenizer.huggingface.json": refused("a whole tokenizer.json embedded in the file"),
+    "tokenizer.rwkv.world": refused("the RWKV world tokenizer"),
+    "tokenizer.chat_template": used("the chat template"),
+    "tokenizer.chat_template.{name}": ignored("named extra templates (tool use); `--chat` renders the default one"),
+    "tokenizer.chat_templates": ignored("the names of the extra templates"),
+    "tokenizer.ggml.fim_pre_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.fim_suf_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.fim_mid_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.fim_pad_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.fim_rep_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.fim_sep_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.prefix_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.suffix_token_id": ignored(_TOKEN_ID),
+    "tokenizer.ggml.middle_token_id": ignored(_TOKEN_ID),
+}
+
 TABLES: dict[str, dict[str, Field]] = {
     "generation_config.json": GENERATION_CONFIG,
     "adapter_config.json": ADAPTER_CONFIG,
+    "gguf": GGUF,
 }
+
+
+def gguf_template(key: str, arch: str) -> str:
+    """A GGUF metadata key in the table's spelling: `llama.rope.freq_base` -> `{arch}.rope.freq_base`,
+    `tokenizer.chat_template.tool_use` -> `tokenizer.chat_template.{name}`, `general.base_model.0.name`
+    -> `general.base_model.{id}.name`."""
+    if key.startswith(arch + "."):
+        return "{arch}." + key[len(arch) + 1:]
+    if key.startswith("tokenizer.chat_template.") and key not in GGUF:
+        return "tokenizer.chat_template.{name}"
+    parts = key.split(".")
+    if len(parts) == 4 and parts[0] == "general" and parts[2].isdigit():
+        return f"general.{parts[1]}.{{id}}.{parts[3]}"
+    return key
 
 
 def refusals(table: str, values: Mapping[str, Any]) -> list[tuple[str, Any, str]]:

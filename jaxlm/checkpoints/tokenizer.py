@@ -149,27 +149,32 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_fields(cls, fields: Mapping[str, Any], source: str) -> "Tokenizer":
-        """Byte-level BPE ('gpt2' model) from `tokenizer.ggml.*` metadata, as llama.cpp builds it."""
+        """The tokenizer of GGUF metadata (`tokenizer.ggml.*`), as llama.cpp / transformers build it:
+        byte-level BPE (`tokenizer.ggml.model` 'gpt2') or SentencePiece BPE with byte fallback ('llama':
+        Llama 2, Mistral; merges recovered from the scores when the file has none).
+
+        Raises:
+          CheckpointError: another tokenizer model, a missing vocabulary, an unknown pre-tokenizer, or
+            `tokenizer.ggml.add_space_prefix` false (named with the file).
+        """
         kind = fields.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise CheckpointError(f"{source}: tokenizer.ggml.model={kind!r} is not supported (only 'gpt2' byte-level BPE)")
         tokens = fields.get("tokenizer.ggml.tokens")
-        merges = fields.get("tokenizer.ggml.merges")
-        if not tokens or merges is None:
-            raise CheckpointError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges missing")
-        pre = fields.get("tokenizer.ggml.pre", "default")
-        if pre not in _GGUF_PRE_SPLITS:
-            raise CheckpointError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_GGUF_PRE_SPLITS)}")
+        if kind not in ("gpt2", "llama"):
+            raise CheckpointError(f"{source}: tokenizer.ggml.model={kind!r} is not supported "
+                                  "(only 'gpt2' byte-level BPE and 'llama' SentencePiece BPE)")
+        if not tokens:
+            raise CheckpointError(f"{source}: tokenizer.ggml.tokens missing")
         vocab = {t: i for i, t in enumerate(tokens)}
-        merge_pairs = [tuple(m.split(" ", 1)) for m in merges]
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False))
-        splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _GGUF_PRE_SPLITS[pre]]
-        backend.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        backend.decoder = decoders.ByteLevel()
-        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        if kind == "gpt2":
+            backend = _gguf_byte_level(fields, vocab, source)
+        else:
+            backend = _gguf_sentencepiece(fields, vocab, source)
         types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
         backend.add_special_tokens(control)
+        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+        if user:  # USER_DEFINED tokens (e.g. <think>) stay whole, as in llama.cpp
+            backend.add_tokens(user)
         eos = fields.get("tokenizer.ggml.eos_token_id")
         bos = fields.get("tokenizer.ggml.bos_token_id")
         eos_ids = (eos,) if eos is not None else ()
@@ -177,16 +182,68 @@ class Tokenizer:
         for name in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
             if name in vocab and vocab[name] not in eos_ids and fields.get("tokenizer.chat_template", "").find(name) >= 0:
                 eos_ids = eos_ids + (vocab[name],)
+        # A SentencePiece vocabulary that does not say otherwise gets BOS (llama.cpp, transformers).
+        add_bos = fields.get("tokenizer.ggml.add_bos_token", kind == "llama")
         return cls(
             backend=backend,
             bos_id=bos,
             eos_ids=eos_ids,
             pad_id=fields.get("tokenizer.ggml.padding_token_id"),
-            add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos=bool(add_bos),
             add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=fields.get("tokenizer.chat_template"),
             special_tokens=_special_token_strings(backend, bos, eos_ids),
         )
+
+
+def _gguf_byte_level(fields: Mapping[str, Any], vocab: dict[str, int], source: str) -> HFTokenizer:
+    merges = fields.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise CheckpointError(f"{source}: tokenizer.ggml.merges missing (a 'gpt2' tokenizer needs its merges)")
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in _GGUF_PRE_SPLITS:
+        raise CheckpointError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_GGUF_PRE_SPLITS)}")
+    merge_pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False))
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _GGUF_PRE_SPLITS[pre]]
+    backend.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend
+
+
+def _gguf_sentencepiece(fields: Mapping[str, Any], vocab: dict[str, int], source: str) -> HFTokenizer:
+    """transformers' LlamaTokenizer over the file's vocabulary: BPE with byte fallback, Metaspace
+    (prefix space on the first piece only), merges from the file or derived from the scores."""
+    if fields.get("tokenizer.ggml.add_space_prefix", True) is False:
+        raise CheckpointError(f"{source}: tokenizer.ggml.add_space_prefix=False is not supported "
+                              "(SentencePiece tokenizers here always prefix a space)")
+    merges = fields.get("tokenizer.ggml.merges")
+    if merges is not None:
+        merge_pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = fields.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(vocab):
+            raise CheckpointError(f"{source}: tokenizer.ggml.scores missing or not one per token "
+                                  "(a 'llama' tokenizer without merges needs them)")
+        merge_pairs = _merges_from_scores(vocab, dict(zip(vocab, scores)))
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=True, byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1),
+    ])
+    return backend
+
+
+def _merges_from_scores(vocab: Mapping[str, int], scores: Mapping[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens,
+    best score first (transformers' `generate_merges` with scores)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
 
 
 def _special_token_strings(backend: HFTokenizer, bos: int | None, eos_ids: Sequence[int]) -> dict[str, str]:
