@@ -10,6 +10,7 @@ gguf know a key this table does not, so a new field surfaces the day a library a
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 from jaxlm.checkpoints.hf import CheckpointError
@@ -26,19 +27,22 @@ class Field:
         REFUSED (would change outputs and is not implemented; `reason` says what it does).
       reason: why the key is ignored or refused (empty for used keys).
       neutral: values of a refused key that mean "off" and are accepted (None is always accepted).
+      kind: the JSON type a used key must have ("int", "float", "bool", "str", "ids": an int or a list
+        of ints), checked by `check_types`; None: not checked.
     """
 
     status: str
     reason: str = ""
     neutral: tuple[Any, ...] = ()
+    kind: str | None = None
 
     def accepts(self, value: Any) -> bool:
         """True when a REFUSED key's `value` is None, empty or one of its neutral values."""
         return value is None or value == [] or value == {} or value in self.neutral
 
 
-def used(reason: str = "") -> Field:
-    return Field(USED, reason)
+def used(reason: str = "", kind: str | None = None) -> Field:
+    return Field(USED, reason, (), kind)
 
 
 def ignored(reason: str) -> Field:
@@ -175,9 +179,9 @@ ADAPTER_CONFIG: dict[str, Field] = {
     "layer_replication": refused("replicates base layers"),
     "alora_invocation_tokens": refused("activated LoRA applies the adapter only after these tokens"),
     "arrow_config": refused("Arrow routing between adapters"),
-    "monteclora_config": refused("Monte Carlo LoRA sampling"),
-    "kasa_config": refused("KaSA singular-value adaptation"),
-    "velora_config": refused("VeLoRA"),
+    "monteclora_config": refused("Monte Carlo LoRA adds variational sampling on top of the adapters"),
+    "kasa_config": refused("KaSA truncates the base weight's smallest singular components and adds a diagonal"),
+    "velora_config": ignored("VeLoRA changes only what the backward pass stores; the forward is plain LoRA"),
 }
 
 _DESCRIPTIVE = "descriptive metadata"
@@ -319,19 +323,187 @@ GGUF: dict[str, Field] = {
     "tokenizer.ggml.middle_token_id": ignored(_TOKEN_ID),
 }
 
+# ---------------------------------------------------------------- config.json of each architecture
+
+_DROPOUT = "dropout: jaxlm's forward is deterministic (transformers applies it only in train mode)"
+_HF_BOOKKEEPING = "transformers bookkeeping (output format, task heads, labels), not the base model's function"
+_INIT = "initialisation of new weights; loaded weights are what they are"
+_COMMON: dict[str, Field] = {
+    "architectures": used("picks the family (LlamaForCausalLM, MistralForCausalLM, T5ForConditionalGeneration, Bert*)"),
+    "model_type": ignored("the architecture decides"),
+    "transformers_version": ignored("the writer's version"),
+    "_name_or_path": ignored("where transformers loaded it from"),
+    "output_hidden_states": ignored(_HF_BOOKKEEPING),
+    "output_attentions": ignored(_HF_BOOKKEEPING),
+    "return_dict": ignored(_HF_BOOKKEEPING),
+    "id2label": ignored(_HF_BOOKKEEPING),
+    "label2id": ignored(_HF_BOOKKEEPING),
+    "problem_type": ignored(_HF_BOOKKEEPING),
+    "is_encoder_decoder": ignored("implied by the architecture"),
+    "chunk_size_feed_forward": ignored("chunks the feed-forward computation; the same numbers"),
+    "use_cache": ignored("a decoding-speed switch; jaxlm's engine always caches"),
+    "dtype": ignored("the stored tensors' dtype; jaxlm's dtype/param_dtype choose the computation"),
+    "torch_dtype": ignored("the stored tensors' dtype (transformers 4 name); jaxlm's dtype/param_dtype choose"),
+    "initializer_range": ignored(_INIT),
+    "pad_token_id": used("padding id", "int"),
+    "bos_token_id": used("BOS id", "int"),
+    "eos_token_id": used("EOS id(s)", "ids"),
+    "tie_word_embeddings": used("logits from the embedding table", "bool"),
+    "vocab_size": used("V", "int"),
+}
+_DECODER: dict[str, Field] = {
+    **_COMMON,
+    "hidden_size": used("D", "int"),
+    "intermediate_size": used("MLP width", "int"),
+    "num_hidden_layers": used("layers", "int"),
+    "num_attention_heads": used("query heads", "int"),
+    "num_key_value_heads": used("key/value heads", "int"),
+    "head_dim": used("per-head width", "int"),
+    "hidden_act": refused("the MLP activation; jaxlm's SwiGLU uses silu", "silu"),
+    "max_position_embeddings": used("context length (dynamic/yarn RoPE read it)", "int"),
+    "rms_norm_eps": used("RMSNorm epsilon", "float"),
+    "rope_parameters": used("rope_theta and the RoPE scaling (linear, dynamic, yarn, llama3; others refused)"),
+    "rope_theta": used("RoPE base (transformers 4 name)", "float"),
+    "rope_scaling": used("RoPE scaling (transformers 4 name)"),
+    "attention_dropout": ignored(_DROPOUT),
+}
+LLAMA_CONFIG: dict[str, Field] = {
+    **_DECODER,
+    "attention_bias": used("q/k/v/o biases", "bool"),
+    "mlp_bias": used("MLP biases", "bool"),
+    "pretraining_tp": ignored("transformers 5 no longer reads it (4 split matmuls for the same function)"),
+}
+MISTRAL_CONFIG: dict[str, Field] = {
+    **_DECODER,
+    "sliding_window": used("attention window in tokens", "int"),
+    "use_sliding_window": used("Qwen-style switch for the window", "bool"),
+}
+T5_CONFIG: dict[str, Field] = {
+    **_COMMON,
+    "d_model": used("D", "int"),
+    "d_kv": used("per-head width", "int"),
+    "d_ff": used("MLP width", "int"),
+    "num_layers": used("encoder layers", "int"),
+    "num_decoder_layers": used("decoder layers", "int"),
+    "num_heads": used("heads", "int"),
+    "hidden_size": used("alias of d_model (attribute_map)", "int"),
+    "num_attention_heads": used("alias of num_heads (attribute_map)", "int"),
+    "num_hidden_layers": used("alias of num_layers (attribute_map)", "int"),
+    "head_dim": used("alias of d_kv (attribute_map)", "int"),
+    "relative_attention_num_buckets": used("relative position buckets", "int"),
+    "relative_attention_max_distance": used("relative position distance", "int"),
+    "layer_norm_epsilon": used("RMSNorm epsilon", "float"),
+    "feed_forward_proj": used("relu, gated-gelu, ... (unsupported ones refused)", "str"),
+    "dense_act_fn": ignored("transformers derives it from feed_forward_proj, overwriting the stored value"),
+    "is_gated_act": ignored("transformers derives it from feed_forward_proj, overwriting the stored value"),
+    "scale_decoder_outputs": used("scales the decoder output by d_model**-0.5 before a tied head", "bool"),
+    "decoder_start_token_id": used("first decoder token", "int"),
+    "dropout_rate": ignored(_DROPOUT),
+    "classifier_dropout": ignored(_DROPOUT),
+    "initializer_factor": ignored(_INIT),
+    "is_decoder": refused("a decoder-only T5 stack", False),
+}
+BERT_CONFIG: dict[str, Field] = {
+    **_COMMON,
+    "hidden_size": used("D", "int"),
+    "intermediate_size": used("MLP width", "int"),
+    "num_hidden_layers": used("layers", "int"),
+    "num_attention_heads": used("heads", "int"),
+    "hidden_act": used("gelu / gelu_new / relu (others refused)", "str"),
+    "max_position_embeddings": used("position table size", "int"),
+    "type_vocab_size": used("token type table size", "int"),
+    "layer_norm_eps": used("LayerNorm epsilon", "float"),
+    "hidden_dropout_prob": ignored(_DROPOUT),
+    "attention_probs_dropout_prob": ignored(_DROPOUT),
+    "classifier_dropout": ignored(_DROPOUT),
+    "position_embedding_type": refused("relative position embeddings (transformers 4)", "absolute"),
+    "is_decoder": refused("causal BERT attention", False),
+    "add_cross_attention": refused("cross-attention layers", False),
+}
+# transformers' attribute_map aliases (T5's hidden_size -> d_model, ...): the loader reads an alias
+# when the canonical key is absent.
+ALIASES: dict[str, dict[str, str]] = {
+    "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+           "head_dim": "d_kv"},
+}
+
 TABLES: dict[str, dict[str, Field]] = {
     "generation_config.json": GENERATION_CONFIG,
     "adapter_config.json": ADAPTER_CONFIG,
     "gguf": GGUF,
+    "LlamaConfig": LLAMA_CONFIG,
+    "MistralConfig": MISTRAL_CONFIG,
+    "T5Config": T5_CONFIG,
+    "BertConfig": BERT_CONFIG,
 }
+# config.json `architectures` entry -> its table.
+CONFIG_TABLES: dict[str, str] = {
+    "LlamaForCausalLM": "LlamaConfig",
+    "MistralForCausalLM": "MistralConfig",
+    "T5ForConditionalGeneration": "T5Config",
+    "BertModel": "BertConfig",
+    "BertForMaskedLM": "BertConfig",
+    "BertForPreTraining": "BertConfig",
+}
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "int":
+        return is_int
+    if kind == "float":
+        return is_int or isinstance(value, float)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "ids":
+        return is_int or isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    raise ValueError(f"unknown field kind {kind!r}")
+
+
+def check_config(table: str, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check a parsed config.json against its table: types of used keys, refused keys, aliases.
+
+    Args:
+      table: a key of `TABLES` (see `CONFIG_TABLES`).
+      values: the parsed config.json.
+      source: the file, named in errors.
+
+    Returns:
+      `values` with transformers' attribute_map aliases (T5's hidden_size, ...) copied to their
+      canonical key where that key is absent.
+
+    Raises:
+      CheckpointError: "<source>: field 'k' = v must be <kind>" for a used key of the wrong type (null
+        is accepted: the loader's default applies), or a refused key (see `refuse`).
+    """
+    fields = TABLES[table]
+    for key, value in values.items():
+        field = fields.get(key)
+        if field is not None and field.kind and value is not None and not _type_ok(field.kind, value):
+            raise CheckpointError(f"{source}: field {key!r} = {value!r} must be {_KIND_NAMES[field.kind]}")
+    refuse(table, values, source)
+    out = dict(values)
+    family = {"T5Config": "t5"}.get(table)
+    for alias, canonical in ALIASES.get(family, {}).items():
+        if alias in out and canonical not in out:
+            out[canonical] = out[alias]
+    return out
+
+
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "ids": "an integer or a list of integers"}
 
 
 def gguf_template(key: str, arch: str) -> str:
     """A GGUF metadata key in the table's spelling: `llama.rope.freq_base` -> `{arch}.rope.freq_base`,
-    `tokenizer.chat_template.tool_use` -> `tokenizer.chat_template.{name}`, `general.base_model.0.name`
-    -> `general.base_model.{id}.name`."""
+    `llama.dense_2_feat_in` -> `{arch}.{dense}_feat_in`, `tokenizer.chat_template.tool_use` ->
+    `tokenizer.chat_template.{name}`, `general.base_model.0.name` -> `general.base_model.{id}.name`."""
     if key.startswith(arch + "."):
-        return "{arch}." + key[len(arch) + 1:]
+        rest = key[len(arch) + 1:]
+        dense = re.fullmatch(r"\w+_feat_(in|out)", rest)  # {dense}_feat_in: named dense layers (embedding heads)
+        return "{arch}." + ("{dense}_feat_" + dense.group(1) if dense else rest)
     if key.startswith("tokenizer.chat_template.") and key not in GGUF:
         return "tokenizer.chat_template.{name}"
     parts = key.split(".")

@@ -26,13 +26,24 @@ class CheckpointError(JaxlmError):
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed `config.json` of a HF directory.
+
+    Raises:
+      CheckpointError: missing, not a JSON object, or `architectures` not a list of strings.
+    """
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{cfg}: missing (a Hugging Face model directory needs config.json)")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+        values = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{cfg}: expected a JSON object, got {type(values).__name__}")
+    archs = values.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"{cfg}: field 'architectures' = {archs!r} must be a list of strings")
+    return values
 
 
 def read_safetensors_file(file: str | os.PathLike) -> dict[str, np.ndarray]:

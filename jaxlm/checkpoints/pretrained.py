@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxlm.checkpoints import hf
+from jaxlm.checkpoints.fields import CONFIG_TABLES, check_config
 from jaxlm.checkpoints.generation import GenerationConfig, generation_config_to_hf, read_generation_config
 from jaxlm.checkpoints.hf import CheckpointError
 from jaxlm.checkpoints.tokenizer import Tokenizer
@@ -142,6 +143,11 @@ def family_for_architecture(architectures: list[str] | None, source: str) -> Fam
     )
 
 
+def config_table(architectures: list[str]) -> str:
+    """The `fields.TABLES` name for a config.json's `architectures` (first one jaxlm supports)."""
+    return next(CONFIG_TABLES[a] for a in architectures if a in CONFIG_TABLES)
+
+
 def abstract_params(family_name: str, config: Any) -> Any:
     """Boxed ShapeDtypeStructs of the params (with logical axes), built without allocating."""
     fam = family(family_name)
@@ -211,11 +217,12 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
     elif p.is_dir():
         hf_config = hf.read_config(p)
         fam = family_for_architecture(hf_config.get("architectures"), str(p / "config.json"))
+        hf_config = check_config(config_table(hf_config["architectures"]), hf_config, str(p / "config.json"))
         try:
             config = fam.config_from_hf(hf_config)
         except KeyError as e:
             raise CheckpointError(f"{p / 'config.json'}: field {e.args[0]!r} is missing") from None
-        except ValueError as e:  # an unsupported setting (rope scaling, position embedding type, ...)
+        except (ValueError, TypeError) as e:  # an unsupported setting (rope scaling, ...) or a bad value
             raise CheckpointError(f"{p / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
         tensors = hf.read_safetensors(p)
         if not getattr(config, "tie_word_embeddings", True) and "lm_head.weight" not in tensors:

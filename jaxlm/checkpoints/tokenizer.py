@@ -103,23 +103,53 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path, model_config: Mapping[str, Any] | None = None) -> "Tokenizer":
+        """The tokenizer of a HF directory: `tokenizer.json`, `tokenizer_config.json` (special tokens,
+        BOS/EOS flags, chat template) and `chat_template.jinja`.
+
+        Args:
+          path: the directory.
+          model_config: its parsed config.json (BOS/EOS/pad ids when tokenizer_config.json has none).
+
+        Raises:
+          CheckpointError: tokenizer.json missing or unreadable, tokenizer_config.json not a JSON
+            object, or one of its special-token / chat_template fields of the wrong type (one line
+            naming the file and field).
+        """
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (jaxlm reads fast tokenizers; save one with transformers)")
-        backend = HFTokenizer.from_file(str(file))
+        try:
+            spec = json.loads(file.read_text())
+            backend = HFTokenizer.from_str(json.dumps(spec))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+        except Exception as e:  # the tokenizers library rejects the structure
+            raise CheckpointError(f"{file}: not a tokenizers file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         # Some tokenizer.json files (MiniLM) store fixed padding/truncation; batching is ours to do.
         backend.no_padding()
         backend.no_truncation()
         cfg_file = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        cfg: dict[str, Any] = {}
+        if cfg_file.is_file():
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+            if not isinstance(cfg, dict):
+                raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
         model_config = model_config or {}
 
         def token_id(key: str) -> int | None:
             tok = cfg.get(key)
             tok = tok.get("content") if isinstance(tok, dict) else tok
+            if tok is not None and not isinstance(tok, str):
+                raise CheckpointError(f"{cfg_file}: field {key!r} = {cfg[key]!r} must be a token string")
             return backend.token_to_id(tok) if tok else None
 
+        for key in ("add_bos_token", "add_eos_token"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+                raise CheckpointError(f"{cfg_file}: field {key!r} = {cfg[key]!r} must be true or false")
         bos = token_id("bos_token")
         bos = bos if bos is not None else model_config.get("bos_token_id")
         eos = token_id("eos_token")
@@ -130,9 +160,14 @@ class Tokenizer:
         pad = token_id("pad_token")
         pad = pad if pad is not None else model_config.get("pad_token_id")
         # A post-processor in tokenizer.json (BERT's [CLS] ... [SEP], Llama's <s>) is the source of truth.
-        post = json.loads(file.read_text()).get("post_processor")
+        post = spec.get("post_processor") if isinstance(spec, dict) else None
         add_bos = bool(cfg.get("add_bos_token", False))
         template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"{cfg_file}: field 'chat_template' must be a string or a list of named templates")
         chat_file = path / "chat_template.jinja"
         if template is None and chat_file.is_file():
             template = chat_file.read_text()
