@@ -4,6 +4,7 @@ metadata (`tokenizer.ggml.*`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,17 +68,49 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render the model's own chat template (jinja2, as transformers does)."""
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render the model's own chat template as transformers' `apply_chat_template(tokenize=False)`.
+
+        The environment is transformers': sandboxed jinja2 with loop controls (`break`/`continue`),
+        trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII
+        text, `{% generation %}` blocks, and the variables messages, tools, documents,
+        add_generation_prompt and the special tokens (bos_token, eos_token), undefined ones falsy.
+
+        Args:
+          messages: [{"role": ..., "content": ...}, ...].
+          add_generation_prompt: end with the assistant turn's opening.
+          tools: JSON tool schemas, or None.
+          documents: [{"title": ..., "text": ...}] for retrieval templates, or None.
+          **kwargs: further template variables (e.g. enable_thinking=False, date_string=...).
+
+        Returns:
+          The rendered prompt text.
+
+        Raises:
+          ValueError: the tokenizer has no chat template.
+          CheckpointError: the template fails to compile or raises (e.g. raise_exception on a role
+            order it rejects), with jinja's message.
+        """
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template; pass plain prompts instead")
         import jinja2
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-        env.globals["raise_exception"] = _raise
-        return env.from_string(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens
-        )
+        try:
+            template = _compile_chat_template(self.chat_template)
+            return template.render(
+                messages=[dict(m) for m in messages], tools=None if tools is None else list(tools),
+                documents=None if documents is None else list(documents),
+                add_generation_prompt=add_generation_prompt, **{**self.special_tokens, **kwargs},
+            )
+        except jinja2.TemplateError as e:
+            raise CheckpointError(f"chat template: {e.message or type(e).__name__}") from None
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json so transformers' AutoTokenizer can load them."""
@@ -290,5 +323,37 @@ def _special_token_strings(backend: HFTokenizer, bos: int | None, eos_ids: Seque
     return out
 
 
-def _raise(message: str) -> None:
-    raise ValueError(message)
+@functools.lru_cache(maxsize=16)
+def _compile_chat_template(source: str) -> Any:
+    """A chat template compiled in transformers' environment (see `Tokenizer.apply_chat_template`)."""
+    import datetime
+
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
