@@ -205,8 +205,24 @@ def load_tokenizer(name: str) -> Tokenizer:
     return read_tokenizer(name)
 
 
-def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
-    """Config, params and tokenizer from a HF directory, a .gguf file or an installed package name."""
+def load_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str = "float32") -> Pretrained:
+    """Config, params and tokenizer from a HF directory, a .gguf file or an installed package name.
+
+    Safetensors are memory-mapped and each tensor is converted from its stored dtype straight to
+    `param_dtype`, one at a time (a bf16 checkpoint loaded with param_dtype="bfloat16" never exists
+    in float32; GGUF tensors are dequantized to float32 first).
+
+    Args:
+      path: a HF directory, a .gguf file or a weight-package name.
+      dtype: the computation dtype ("float32", "bfloat16").
+      param_dtype: the dtype the params are held in.
+
+    Returns:
+      The Pretrained (config with these dtypes).
+
+    Raises:
+      CheckpointError: one line naming the file and field/tensor for anything unreadable or refused.
+    """
     p = resolve_path(path)
     generation = None
     if p.is_file() and p.suffix == ".gguf":
@@ -235,10 +251,9 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
             config = dataclasses.replace(config, decoder_start_token_id=int(start))
     else:
         raise CheckpointError(f"{p}: expected a Hugging Face model directory or a .gguf file")
-    config = dataclasses.replace(config, dtype=dtype)
+    config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype)
     expected = nn.unbox(abstract_params(fam.name, config))
-    params = hf.convert_to_params(_strip_prefix(tensors, fam), expected, fam.hf_name, str(p))
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.dtype(config.param_dtype)), params)
+    params = hf.convert_to_params(_strip_prefix(tensors, fam), expected, fam.hf_name, str(p), jnp.dtype(param_dtype))
     return Pretrained(fam.name, config, params, tokenizer, str(p), generation)
 
 
@@ -249,16 +264,35 @@ def _strip_prefix(tensors: dict[str, np.ndarray], fam: Family) -> dict[str, np.n
     return tensors
 
 
-def export_hf(pretrained: Pretrained, path: str | Path, params: Any | None = None) -> Path:
+def export_hf(
+    pretrained: Pretrained,
+    path: str | Path,
+    params: Any | None = None,
+    dtype: str = "float32",
+    max_shard_bytes: int | None = None,
+) -> Path:
     """Write a HF directory (config.json, generation_config.json, model.safetensors, tokenizer) that
     transformers loads.
 
     Tied embeddings are written once (transformers re-ties them). `params` overrides the stored ones
     (e.g. a merged LoRA). generation_config.json carries the config's bos/eos/pad ids, then every
     field of the generation config the model was loaded with.
+
+    Args:
+      pretrained: the model (config, tokenizer, generation config).
+      path: the directory to write (replaced whole).
+      params: params to write instead of `pretrained.params`.
+      dtype: the stored tensors' dtype ("float32", "bfloat16", "float16"), also config.json's torch_dtype.
+      max_shard_bytes: shard the weights above this size with an index file (see `hf.write_dir`).
+
+    Returns:
+      `path`.
     """
     fam = family(pretrained.family)
-    tensors = hf.convert_from_params(nn.unbox(params if params is not None else pretrained.params), fam.hf_name)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"export dtype {dtype!r}: expected float32, bfloat16 or float16")
+    tensors = hf.convert_from_params(nn.unbox(params if params is not None else pretrained.params), fam.hf_name,
+                                     jnp.dtype(dtype))
     tokenizer = pretrained.tokenizer
     generation = generation_config_to_hf(pretrained.config, pretrained.generation)
 
@@ -267,4 +301,5 @@ def export_hf(pretrained: Pretrained, path: str | Path, params: Any | None = Non
         if tokenizer is not None:
             tokenizer.save(directory)
 
-    return hf.write_dir(path, tensors, fam.config_to_hf(pretrained.config), extra)
+    config = {**fam.config_to_hf(pretrained.config), "torch_dtype": dtype}
+    return hf.write_dir(path, tensors, config, extra, max_shard_bytes)
