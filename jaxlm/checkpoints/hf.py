@@ -57,21 +57,41 @@ def _safetensors_dtypes() -> dict[str, Any]:
     }
 
 
-def read_safetensors_file(file: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of one .safetensors file as a read-only memory-mapped numpy view in its stored
-    dtype (bf16 as `ml_dtypes.bfloat16`, which safetensors' numpy reader cannot load): nothing is
-    read into memory until a tensor is used, so a loader converts one tensor at a time.
+class SafetensorsTensors(Mapping[str, np.ndarray]):
+    """The tensors of safetensors files, read one at a time on access in their stored dtype (bf16 as
+    `ml_dtypes.bfloat16`, which safetensors' numpy reader cannot load): nothing is held in memory
+    beyond the tensor a caller keeps, so a loader converts one tensor at a time.
 
-    Args:
-      file: a .safetensors file.
-
-    Returns:
-      {tensor name: array view}, in the file's order.
-
-    Raises:
-      CheckpointError: the file is missing, its header unreadable, a dtype unknown or a tensor's
-        byte range outside the file (naming the file and the tensor).
+    Attributes:
+      entries: {tensor name: (file, numpy dtype, shape, byte offset in the file)}.
     """
+
+    def __init__(self, entries: Mapping[str, tuple[Path, Any, tuple[int, ...], int]]):
+        self.entries = dict(entries)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file, dtype, shape, offset = self.entries[name]
+        count = int(np.prod(shape))
+        try:
+            data = np.fromfile(file, dtype=dtype, count=count, offset=offset)
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+        if data.size != count:
+            raise CheckpointError(f"{file}: tensor {name!r} is truncated ({data.size} of {count} values)")
+        return data.reshape(shape)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def renamed(self, rename: Callable[[str], str]) -> "SafetensorsTensors":
+        """The same tensors under `rename(name)` (nothing is read)."""
+        return SafetensorsTensors({rename(k): v for k, v in self.entries.items()})
+
+
+def _safetensors_entries(file: Path) -> dict[str, tuple[Path, Any, tuple[int, ...], int]]:
     import struct
 
     dtypes = _safetensors_dtypes()
@@ -81,24 +101,39 @@ def read_safetensors_file(file: str | os.PathLike) -> dict[str, np.ndarray]:
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        size = Path(file).stat().st_size - 8 - n
-        data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n, shape=(size,)) if size > 0 else np.zeros(0, np.uint8)
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        size = file.stat().st_size - 8 - n
+    except (OSError, ValueError, struct.error, UnicodeDecodeError, MemoryError) as e:
         raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
-    out: dict[str, np.ndarray] = {}
+    out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = dtypes[info["dtype"]]
             start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
+            shape = tuple(int(d) for d in info["shape"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: tensor {name!r} has an unreadable header entry {info!r}") from None
         if not 0 <= start <= end <= size or end - start != np.dtype(dtype).itemsize * int(np.prod(shape)):
             raise CheckpointError(f"{file}: tensor {name!r} byte range {start}..{end} does not fit {shape} {info['dtype']}")
-        out[name] = data[start:end].view(dtype).reshape(shape)
+        out[name] = (file, dtype, shape, 8 + n + start)
     return out
+
+
+def read_safetensors_file(file: str | os.PathLike) -> SafetensorsTensors:
+    """The tensors of one .safetensors file, each read on access in its stored dtype.
+
+    Args:
+      file: a .safetensors file.
+
+    Returns:
+      A mapping {tensor name: array} (see `SafetensorsTensors`), in the file's order.
+
+    Raises:
+      CheckpointError: the file is missing, its header unreadable, a dtype unknown or a tensor's
+        byte range outside the file (naming the file and the tensor).
+    """
+    return SafetensorsTensors(_safetensors_entries(Path(file)))
 
 
 def is_float(dtype: np.dtype) -> bool:
@@ -108,9 +143,9 @@ def is_float(dtype: np.dtype) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a HF directory (follows a sharded index) as memory-mapped views in their
-    stored dtype (see `read_safetensors_file`); `convert_to_params` converts them one at a time.
+def read_safetensors(path: str | os.PathLike) -> SafetensorsTensors:
+    """All tensors of a HF directory (follows a sharded index), each read on access in its stored
+    dtype (see `SafetensorsTensors`); `convert_to_params` converts them one at a time.
 
     Raises:
       CheckpointError: no safetensors files, a bad index, or an unreadable file.
@@ -129,13 +164,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files (and no {INDEX_NAME})")
-    tensors: dict[str, np.ndarray] = {}
+    entries: dict[str, tuple[Path, Any, tuple[int, ...], int]] = {}
     for name in files:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: named in {INDEX_NAME} but missing")
-        tensors.update(read_safetensors_file(file))
-    return tensors
+        entries.update(_safetensors_entries(file))
+    return SafetensorsTensors(entries)
 
 
 def write_dir(
@@ -273,14 +308,14 @@ def convert_to_params(
         name = hf_name(path)
         if name not in tensors:
             raise CheckpointError(f"{source}: tensor {name!r} (for param {'/'.join(path)}) is missing")
-        value = tensors[name]
+        value = tensors[name]  # read here, this tensor only
         if path[-1] == "kernel":
             value = value.T
         if tuple(value.shape) != tuple(leaf.shape):
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {value.shape}, expected {tuple(leaf.shape)} for {'/'.join(path)}"
             )
-        flat[path] = jnp.asarray(value, dtype)  # reads this tensor (and only it) from the file
+        flat[path] = jnp.asarray(value, dtype)
     return unflatten(flat)
 
 

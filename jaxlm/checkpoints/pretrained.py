@@ -257,10 +257,13 @@ def load_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str =
     return Pretrained(fam.name, config, params, tokenizer, str(p), generation)
 
 
-def _strip_prefix(tensors: dict[str, np.ndarray], fam: Family) -> dict[str, np.ndarray]:
-    """BertModel checkpoints may or may not prefix names with 'bert.'; accept both."""
+def _strip_prefix(tensors: Mapping[str, np.ndarray], fam: Family) -> Mapping[str, np.ndarray]:
+    """BertModel checkpoints may or may not prefix names with 'bert.'; accept both (nothing is read)."""
     if fam.name == "bert" and any(k.startswith("bert.") for k in tensors):
-        return {k.removeprefix("bert."): v for k, v in tensors.items()}
+        rename = lambda k: k.removeprefix("bert.")
+        if isinstance(tensors, hf.SafetensorsTensors):
+            return tensors.renamed(rename)
+        return {rename(k): v for k, v in tensors.items()}
     return tensors
 
 
