@@ -89,7 +89,7 @@ def _spm_fields():
     scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(SPM_PIECES))]
     return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
             "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-            "tokenizer.ggml.unknown_token_id": 0}
+            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.eot_token_id": 4}
 
 
 SPM_CONFIG = {"llama.context_length": 16, "llama.embedding_length": 8, "llama.block_count": 1,
@@ -106,7 +106,7 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
     write_llama_gguf(tmp_path / "spm.gguf", None, SPM_CONFIG, _spm_fields())
     ours = read_tokenizer(tmp_path / "spm.gguf")
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
-    assert ours.bos_id == 1 and ours.add_bos
+    assert ours.bos_id == 1 and ours.add_bos and ours.eos_ids == (2, 4)  # eos + eot (llama.cpp's end of generation)
     for text in TEXTS:
         ids = ours.encode(text)
         assert ids == ref.encode(text), text

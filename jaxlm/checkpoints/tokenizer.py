@@ -246,6 +246,9 @@ class Tokenizer:
         eos = fields.get("tokenizer.ggml.eos_token_id")
         bos = fields.get("tokenizer.ggml.bos_token_id")
         eos_ids = (eos,) if eos is not None else ()
+        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):  # llama.cpp's end-of-generation ids
+            if fields.get(key) is not None and fields[key] not in eos_ids:
+                eos_ids = eos_ids + (int(fields[key]),)
         # Chat models end a turn with <|im_end|> / <|eot_id|>: stop on those too.
         for name in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
             if name in vocab and vocab[name] not in eos_ids and fields.get("tokenizer.chat_template", "").find(name) >= 0:
