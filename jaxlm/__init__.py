@@ -5,12 +5,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load_pretrained(path, dtype: str = "float32"):
+def load_pretrained(path, dtype: str = "float32", param_dtype: str = "float32"):
     """Config, params and tokenizer of a HF directory, a .gguf file, or an installed weight package
-    name (`smollm2-135m-instruct`, `all-minilm-l6-v2`). See `jaxlm.checkpoints.pretrained`."""
+    name (`smollm2-135m-instruct`, `all-minilm-l6-v2`); `dtype` computes, `param_dtype` holds the
+    params. See `jaxlm.checkpoints.pretrained`."""
     from jaxlm.checkpoints.pretrained import load_pretrained as _load
 
-    return _load(path, dtype)
+    return _load(path, dtype, param_dtype)
 
 
 __all__ = ["load_pretrained", "__version__"]

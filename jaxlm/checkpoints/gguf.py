@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxlm.checkpoints.fields import GGUF, REFUSED, gguf_template
 from jaxlm.checkpoints.hf import CheckpointError
 from jaxlm.checkpoints.tokenizer import Tokenizer
-from jaxlm.models.llama import LlamaConfig
+from jaxlm.models.llama import LlamaConfig, RopeScaling
 
 _GGUF_TO_HF = {
     "token_embd": "model.embed_tokens",
@@ -49,10 +50,54 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def refuse_fields(fields: dict[str, Any], arch: str, source: str) -> None:
+    """Refuse metadata that would change the numbers and is not implemented (`fields.GGUF`).
+
+    Raises:
+      CheckpointError: naming the file and the first key that the table refuses with a non-neutral
+        value, or an `<arch>.*` / `tokenizer.*` key the table does not know.
+    """
+    for key, value in fields.items():
+        template = gguf_template(key, arch)
+        field = GGUF.get(template)
+        if field is None:
+            if key.startswith((arch + ".", "tokenizer.")):
+                raise CheckpointError(f"{source}: metadata key {key} is not known to jaxlm (it may change the numbers)")
+            continue
+        if field.status == REFUSED and not field.accepts(value):
+            shown = value if not isinstance(value, list) or len(value) < 8 else f"[{len(value)} values]"
+            raise CheckpointError(f"{source}: metadata key {key} = {shown!r} is not supported ({field.reason})")
+
+
+def _rope_scaling(fields: dict[str, Any], arch: str, source: str) -> RopeScaling | None:
+    kind = fields.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(fields.get(f"{arch}.rope.scaling.factor", 1.0))
+    if kind == "none" or kind == "linear" and factor == 1.0:
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", factor)
+    if kind == "yarn":
+        original = fields.get(f"{arch}.rope.scaling.original_context_length") or fields.get(f"{arch}.context_length")
+        if not original:
+            raise CheckpointError(f"{source}: yarn RoPE needs {arch}.rope.scaling.original_context_length")
+        return RopeScaling(
+            "yarn", factor, int(original),
+            beta_fast=float(fields.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+            beta_slow=float(fields.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+        )
+    raise CheckpointError(f"{source}: metadata key {arch}.rope.scaling.type = {kind!r} is not supported (none, linear, yarn)")
+
+
 def config_from_fields(fields: dict[str, Any], source: str) -> LlamaConfig:
+    """LlamaConfig from GGUF metadata; every key is used, ignored or refused (`fields.GGUF`).
+
+    Raises:
+      CheckpointError: another architecture, a missing required key, or a refused key (named).
+    """
     arch = fields.get("general.architecture")
     if arch not in ("llama", "mistral"):
         raise CheckpointError(f"{source}: general.architecture={arch!r} is not supported (llama, mistral)")
+    refuse_fields(fields, arch, source)
 
     def need(key: str) -> Any:
         if f"{arch}.{key}" not in fields:
@@ -62,6 +107,17 @@ def config_from_fields(fields: dict[str, Any], source: str) -> LlamaConfig:
     heads = int(need("attention.head_count"))
     tokens = fields.get("tokenizer.ggml.tokens") or []
     eos = fields.get("tokenizer.ggml.eos_token_id")
+    key_length = fields.get(f"{arch}.attention.key_length")
+    value_length = fields.get(f"{arch}.attention.value_length", key_length)
+    if value_length != key_length:
+        raise CheckpointError(f"{source}: metadata key {arch}.attention.value_length = {value_length} differs from "
+                              f"key_length {key_length} (not supported)")
+    head_dim = int(key_length) if key_length is not None else int(need("embedding_length")) // heads
+    rope_dims = fields.get(f"{arch}.rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise CheckpointError(f"{source}: metadata key {arch}.rope.dimension_count = {rope_dims} is not supported "
+                              f"(partial rotary; head dim is {head_dim})")
+    window = fields.get(f"{arch}.attention.sliding_window")
     return LlamaConfig(
         vocab_size=int(fields.get(f"{arch}.vocab_size", len(tokens))),
         hidden_size=int(need("embedding_length")),
@@ -71,6 +127,8 @@ def config_from_fields(fields: dict[str, Any], source: str) -> LlamaConfig:
         num_kv_heads=int(fields.get(f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(fields[f"{arch}.attention.key_length"]) if f"{arch}.attention.key_length" in fields else None,
         rope_theta=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(fields, arch, source),
+        sliding_window=int(window) if window else None,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         max_position_embeddings=int(fields.get(f"{arch}.context_length", 2048)),
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
@@ -120,6 +178,9 @@ def _hf_tensor_name(name: str, source: str) -> str:
             raise CheckpointError(f"{source}: tensor {name!r} is not a llama tensor")
         return f"model.layers.{layer}.{_BLOCK_TO_HF[part]}.{kind}"
     base, _, kind = name.rpartition(".")
+    if base == "rope_freqs":
+        raise CheckpointError(f"{source}: tensor {name!r} (llama.cpp's per-frequency RoPE factors, Llama 3.1 GGUFs) is "
+                              "not supported; use the Hugging Face checkpoint (rope_type llama3 is)")
     if base not in _GGUF_TO_HF:
         raise CheckpointError(f"{source}: tensor {name!r} is not a llama tensor")
     return f"{_GGUF_TO_HF[base]}.{kind}"

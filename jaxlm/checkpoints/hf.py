@@ -26,23 +26,137 @@ class CheckpointError(JaxlmError):
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed `config.json` of a HF directory.
+
+    Raises:
+      CheckpointError: missing, not a JSON object, or `architectures` not a list of strings.
+    """
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{cfg}: missing (a Hugging Face model directory needs config.json)")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+        values = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{cfg}: expected a JSON object, got {type(values).__name__}")
+    archs = values.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"{cfg}: field 'architectures' = {archs!r} must be a list of strings")
+    return values
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a HF directory as float32/int numpy arrays (follows a sharded index)."""
-    from safetensors.numpy import load_file
+def _safetensors_dtypes() -> dict[str, Any]:
+    import ml_dtypes
 
+    return {
+        "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+        "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+        "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+        "BOOL": np.bool_,
+    }
+
+
+class SafetensorsTensors(Mapping[str, np.ndarray]):
+    """The tensors of safetensors files, read one at a time on access in their stored dtype (bf16 as
+    `ml_dtypes.bfloat16`, which safetensors' numpy reader cannot load): nothing is held in memory
+    beyond the tensor a caller keeps, so a loader converts one tensor at a time.
+
+    Attributes:
+      entries: {tensor name: (file, numpy dtype, shape, byte offset in the file)}.
+    """
+
+    def __init__(self, entries: Mapping[str, tuple[Path, Any, tuple[int, ...], int]]):
+        self.entries = dict(entries)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file, dtype, shape, offset = self.entries[name]
+        count = int(np.prod(shape))
+        try:
+            data = np.fromfile(file, dtype=dtype, count=count, offset=offset)
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+        if data.size != count:
+            raise CheckpointError(f"{file}: tensor {name!r} is truncated ({data.size} of {count} values)")
+        return data.reshape(shape)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def renamed(self, rename: Callable[[str], str]) -> "SafetensorsTensors":
+        """The same tensors under `rename(name)` (nothing is read)."""
+        return SafetensorsTensors({rename(k): v for k, v in self.entries.items()})
+
+
+def _safetensors_entries(file: Path) -> dict[str, tuple[Path, Any, tuple[int, ...], int]]:
+    import struct
+
+    dtypes = _safetensors_dtypes()
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        size = file.stat().st_size - 8 - n
+    except (OSError, ValueError, struct.error, UnicodeDecodeError, MemoryError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = dtypes[info["dtype"]]
+            start, end = info["data_offsets"]
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: tensor {name!r} has an unreadable header entry {info!r}") from None
+        if not 0 <= start <= end <= size or end - start != np.dtype(dtype).itemsize * int(np.prod(shape)):
+            raise CheckpointError(f"{file}: tensor {name!r} byte range {start}..{end} does not fit {shape} {info['dtype']}")
+        out[name] = (file, dtype, shape, 8 + n + start)
+    return out
+
+
+def read_safetensors_file(file: str | os.PathLike) -> SafetensorsTensors:
+    """The tensors of one .safetensors file, each read on access in its stored dtype.
+
+    Args:
+      file: a .safetensors file.
+
+    Returns:
+      A mapping {tensor name: array} (see `SafetensorsTensors`), in the file's order.
+
+    Raises:
+      CheckpointError: the file is missing, its header unreadable, a dtype unknown or a tensor's
+        byte range outside the file (naming the file and the tensor).
+    """
+    return SafetensorsTensors(_safetensors_entries(Path(file)))
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """True for numpy float dtypes and ml_dtypes' (bfloat16, float8), whose numpy kind is 'V'."""
+    import jax.numpy as jnp
+
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def read_safetensors(path: str | os.PathLike) -> SafetensorsTensors:
+    """All tensors of a HF directory (follows a sharded index), each read on access in its stored
+    dtype (see `SafetensorsTensors`); `convert_to_params` converts them one at a time.
+
+    Raises:
+      CheckpointError: no safetensors files, a bad index, or an unreadable file.
+    """
     path = Path(path)
     index = path / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: invalid index ({e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: field 'weight_map' missing or not an object")
         files = sorted(set(weight_map.values()))
@@ -50,18 +164,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files (and no {INDEX_NAME})")
-    tensors: dict[str, np.ndarray] = {}
+    entries: dict[str, tuple[Path, Any, tuple[int, ...], int]] = {}
     for name in files:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: named in {INDEX_NAME} but missing")
-        try:
-            loaded = load_file(str(file))
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
-        for key, value in loaded.items():
-            tensors[key] = value.astype(np.float32) if value.dtype.kind == "f" else value
-    return tensors
+        entries.update(_safetensors_entries(file))
+    return SafetensorsTensors(entries)
 
 
 def write_dir(
@@ -69,18 +178,46 @@ def write_dir(
     tensors: Mapping[str, np.ndarray],
     config: Mapping[str, Any],
     write_extra: Callable[[Path], None] | None = None,
+    max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write a HF directory atomically (a temp dir renamed into place): config.json,
-    model.safetensors, and whatever `write_extra(tmp_dir)` adds (tokenizer files);
-    an existing directory is replaced whole."""
+    """Write a HF directory atomically (a temp dir renamed into place): config.json, the tensors
+    and whatever `write_extra(tmp_dir)` adds (tokenizer files); an existing directory is replaced whole.
+
+    Args:
+      path: the directory.
+      tensors: {HF name: array} in the dtype to store.
+      config: the config.json dict.
+      write_extra: writes further files into the temp directory.
+      max_shard_bytes: above this many bytes of tensors, write model-0000i-of-0000n.safetensors
+        shards (each at most this size unless one tensor is larger) and model.safetensors.index.json,
+        as transformers does; None: one model.safetensors.
+
+    Returns:
+      `path`.
+    """
     from safetensors.numpy import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # float32 from convert_from_params
-        save_file(arrays, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        total = sum(a.nbytes for a in arrays.values())
+        if max_shard_bytes is None or total <= max_shard_bytes:
+            save_file(arrays, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            shards: list[dict[str, np.ndarray]] = [{}]
+            for key, a in arrays.items():
+                if shards[-1] and sum(x.nbytes for x in shards[-1].values()) + a.nbytes > max_shard_bytes:
+                    shards.append({})
+                shards[-1][key] = a
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
         if write_extra is not None:
             write_extra(tmp)
@@ -142,33 +279,52 @@ def convert_to_params(
     expected: Mapping[str, Any],
     hf_name: Callable[[tuple[str, ...]], str],
     source: str,
+    dtype: Any = np.float32,
 ) -> dict[str, Any]:
-    """Fill the param tree `expected` (abstract shapes) from HF `tensors`.
+    """Fill the param tree `expected` (abstract shapes) from HF `tensors`, one tensor at a time.
 
     `hf_name(path)` gives the HF tensor name of our param `path`; kernels are stored (in, out) here
-    and (out, in) in HF, so 2-D `kernel` leaves are transposed. Missing tensors and shape mismatches
-    raise a CheckpointError naming the tensor and `source`.
+    and (out, in) in HF, so 2-D `kernel` leaves are transposed. Each tensor is read from its stored
+    dtype straight into a jax array of `dtype`, so a bf16 checkpoint loaded with a bf16 `dtype` never
+    exists in float32.
+
+    Args:
+      tensors: {HF name: array} (memory-mapped views are read here, one at a time).
+      expected: the param tree of abstract leaves (shapes).
+      hf_name: our param path -> HF tensor name.
+      source: named in errors.
+      dtype: the params' dtype (the model's param_dtype).
+
+    Returns:
+      The param tree of jax arrays in `dtype`.
+
+    Raises:
+      CheckpointError: a missing tensor or a shape mismatch, naming the tensor and `source`.
     """
+    import jax.numpy as jnp
+
     flat = {}
     for path, leaf in flatten(expected).items():
         name = hf_name(path)
         if name not in tensors:
             raise CheckpointError(f"{source}: tensor {name!r} (for param {'/'.join(path)}) is missing")
-        value = np.asarray(tensors[name], dtype=np.float32)
+        value = tensors[name]  # read here, this tensor only
         if path[-1] == "kernel":
             value = value.T
         if tuple(value.shape) != tuple(leaf.shape):
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {value.shape}, expected {tuple(leaf.shape)} for {'/'.join(path)}"
             )
-        flat[path] = value
+        flat[path] = jnp.asarray(value, dtype)
     return unflatten(flat)
 
 
-def convert_from_params(params: Mapping[str, Any], hf_name: Callable[[tuple[str, ...]], str]) -> dict[str, np.ndarray]:
-    """Inverse of `convert_to_params`: our param tree -> {HF name: (out, in) array}."""
+def convert_from_params(
+    params: Mapping[str, Any], hf_name: Callable[[tuple[str, ...]], str], dtype: Any = np.float32
+) -> dict[str, np.ndarray]:
+    """Inverse of `convert_to_params`: our param tree -> {HF name: (out, in) array in `dtype`}."""
     out = {}
     for path, value in flatten(params).items():
-        value = np.asarray(value, dtype=np.float32)
+        value = np.asarray(value).astype(dtype)
         out[hf_name(path)] = value.T if path[-1] == "kernel" else value
     return out

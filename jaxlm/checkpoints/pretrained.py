@@ -20,6 +20,8 @@ import numpy as np
 from flax import linen as nn
 
 from jaxlm.checkpoints import hf
+from jaxlm.checkpoints.fields import CONFIG_TABLES, check_config
+from jaxlm.checkpoints.generation import GenerationConfig, generation_config_to_hf, read_generation_config
 from jaxlm.checkpoints.hf import CheckpointError
 from jaxlm.checkpoints.tokenizer import Tokenizer
 
@@ -94,13 +96,28 @@ WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
 
 @dataclasses.dataclass
 class Pretrained:
-    """What `load_pretrained` returns: a family name, its config, plain param tree and tokenizer."""
+    """What `load_pretrained` returns: a family name, its config, plain param tree and tokenizer.
+
+    Attributes:
+      generation: the directory's `generation_config.json` (its EOS ids end greedy decoding), or None.
+    """
 
     family: str
     config: Any
     params: dict[str, Any]
     tokenizer: Tokenizer | None
     source: str
+    generation: GenerationConfig | None = None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end greedy decoding: generation_config.json's `eos_token_id` when it has one
+        (as in transformers), else the tokenizer's EOS ids, else the config's `eos_token_ids`."""
+        if self.generation is not None and self.generation.eos_token_ids is not None:
+            return self.generation.eos_token_ids
+        if self.tokenizer is not None:
+            return tuple(self.tokenizer.eos_ids)
+        return tuple(getattr(self.config, "eos_token_ids", ()))
 
     @property
     def model(self) -> nn.Module:
@@ -124,6 +141,11 @@ def family_for_architecture(architectures: list[str] | None, source: str) -> Fam
     raise CheckpointError(
         f"{source}: architectures={architectures!r} is not supported; supported: {sorted(ARCHITECTURES)}"
     )
+
+
+def config_table(architectures: list[str]) -> str:
+    """The `fields.TABLES` name for a config.json's `architectures` (first one jaxlm supports)."""
+    return next(CONFIG_TABLES[a] for a in architectures if a in CONFIG_TABLES)
 
 
 def abstract_params(family_name: str, config: Any) -> Any:
@@ -183,9 +205,26 @@ def load_tokenizer(name: str) -> Tokenizer:
     return read_tokenizer(name)
 
 
-def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
-    """Config, params and tokenizer from a HF directory, a .gguf file or an installed package name."""
+def load_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str = "float32") -> Pretrained:
+    """Config, params and tokenizer from a HF directory, a .gguf file or an installed package name.
+
+    Safetensors are memory-mapped and each tensor is converted from its stored dtype straight to
+    `param_dtype`, one at a time (a bf16 checkpoint loaded with param_dtype="bfloat16" never exists
+    in float32; GGUF tensors are dequantized to float32 first).
+
+    Args:
+      path: a HF directory, a .gguf file or a weight-package name.
+      dtype: the computation dtype ("float32", "bfloat16").
+      param_dtype: the dtype the params are held in.
+
+    Returns:
+      The Pretrained (config with these dtypes).
+
+    Raises:
+      CheckpointError: one line naming the file and field/tensor for anything unreadable or refused.
+    """
     p = resolve_path(path)
+    generation = None
     if p.is_file() and p.suffix == ".gguf":
         from jaxlm.checkpoints.gguf import load_gguf
 
@@ -194,40 +233,76 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> Pretrained:
     elif p.is_dir():
         hf_config = hf.read_config(p)
         fam = family_for_architecture(hf_config.get("architectures"), str(p / "config.json"))
+        hf_config = check_config(config_table(hf_config["architectures"]), hf_config, str(p / "config.json"))
         try:
             config = fam.config_from_hf(hf_config)
         except KeyError as e:
             raise CheckpointError(f"{p / 'config.json'}: field {e.args[0]!r} is missing") from None
-        except ValueError as e:  # an unsupported setting (rope scaling, position embedding type, ...)
+        except (ValueError, TypeError) as e:  # an unsupported setting (rope scaling, ...) or a bad value
             raise CheckpointError(f"{p / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
         tensors = hf.read_safetensors(p)
         if not getattr(config, "tie_word_embeddings", True) and "lm_head.weight" not in tensors:
             # transformers saves a tied head once (under the embedding): the file is the truth.
             config = dataclasses.replace(config, tie_word_embeddings=True)
         tokenizer = Tokenizer.from_hf_dir(p, hf_config) if (p / "tokenizer.json").is_file() else None
+        generation = read_generation_config(p)
+        start = generation.values.get("decoder_start_token_id") if generation else None
+        if start is not None and hasattr(config, "decoder_start_token_id"):  # transformers prefers this one
+            config = dataclasses.replace(config, decoder_start_token_id=int(start))
     else:
         raise CheckpointError(f"{p}: expected a Hugging Face model directory or a .gguf file")
-    config = dataclasses.replace(config, dtype=dtype)
+    config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype)
     expected = nn.unbox(abstract_params(fam.name, config))
-    params = hf.convert_to_params(_strip_prefix(tensors, fam), expected, fam.hf_name, str(p))
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.dtype(config.param_dtype)), params)
-    return Pretrained(fam.name, config, params, tokenizer, str(p))
+    params = hf.convert_to_params(_strip_prefix(tensors, fam), expected, fam.hf_name, str(p), jnp.dtype(param_dtype))
+    return Pretrained(fam.name, config, params, tokenizer, str(p), generation)
 
 
-def _strip_prefix(tensors: dict[str, np.ndarray], fam: Family) -> dict[str, np.ndarray]:
-    """BertModel checkpoints may or may not prefix names with 'bert.'; accept both."""
+def _strip_prefix(tensors: Mapping[str, np.ndarray], fam: Family) -> Mapping[str, np.ndarray]:
+    """BertModel checkpoints may or may not prefix names with 'bert.'; accept both (nothing is read)."""
     if fam.name == "bert" and any(k.startswith("bert.") for k in tensors):
-        return {k.removeprefix("bert."): v for k, v in tensors.items()}
+        rename = lambda k: k.removeprefix("bert.")
+        if isinstance(tensors, hf.SafetensorsTensors):
+            return tensors.renamed(rename)
+        return {rename(k): v for k, v in tensors.items()}
     return tensors
 
 
-def export_hf(pretrained: Pretrained, path: str | Path, params: Any | None = None) -> Path:
-    """Write a HF directory (config.json, model.safetensors, tokenizer) that transformers loads.
+def export_hf(
+    pretrained: Pretrained,
+    path: str | Path,
+    params: Any | None = None,
+    dtype: str = "float32",
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write a HF directory (config.json, generation_config.json, model.safetensors, tokenizer) that
+    transformers loads.
 
     Tied embeddings are written once (transformers re-ties them). `params` overrides the stored ones
-    (e.g. a merged LoRA).
+    (e.g. a merged LoRA). generation_config.json carries the config's bos/eos/pad ids, then every
+    field of the generation config the model was loaded with.
+
+    Args:
+      pretrained: the model (config, tokenizer, generation config).
+      path: the directory to write (replaced whole).
+      params: params to write instead of `pretrained.params`.
+      dtype: the stored tensors' dtype ("float32", "bfloat16", "float16"), also config.json's torch_dtype.
+      max_shard_bytes: shard the weights above this size with an index file (see `hf.write_dir`).
+
+    Returns:
+      `path`.
     """
     fam = family(pretrained.family)
-    tensors = hf.convert_from_params(nn.unbox(params if params is not None else pretrained.params), fam.hf_name)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"export dtype {dtype!r}: expected float32, bfloat16 or float16")
+    tensors = hf.convert_from_params(nn.unbox(params if params is not None else pretrained.params), fam.hf_name,
+                                     jnp.dtype(dtype))
     tokenizer = pretrained.tokenizer
-    return hf.write_dir(path, tensors, fam.config_to_hf(pretrained.config), tokenizer.save if tokenizer else None)
+    generation = generation_config_to_hf(pretrained.config, pretrained.generation)
+
+    def extra(directory: Path) -> None:
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    config = {**fam.config_to_hf(pretrained.config), "torch_dtype": dtype}
+    return hf.write_dir(path, tensors, config, extra, max_shard_bytes)

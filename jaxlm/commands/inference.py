@@ -32,7 +32,10 @@ GENERATE_HELP = """\
 Greedy generation with a KV cache. Each input line has {"inputs": str} or {"input_ids": [int]};
 each output line repeats it and adds "prediction" (decoded text, cut at the first --stop string)
 and "output_ids" (generated ids, EOS excluded). --chat wraps text inputs as one user turn of the
-model's chat template.
+model's chat template. Generation stops at the EOS ids of the model's generation_config.json when it
+names any (as transformers does), else at the tokenizer's; a generation_config.json field that
+changes greedy output (repetition_penalty, num_beams, ...) is refused by name, and sampling fields
+(do_sample, temperature, top_p, ...) do not apply: decoding is always greedy.
 """
 
 
@@ -47,12 +50,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> tuple[Any, Any]:
-    from jaxlm.checkpoints.peft import load_peft_adapter
+    from jaxlm.checkpoints.peft import load_peft_model
     from jaxlm.checkpoints.pretrained import load_pretrained
 
     pretrained = load_pretrained(args.model, dtype=args.dtype)
-    lora = load_peft_adapter(args.adapter, pretrained) if args.adapter else None
-    return pretrained, lora
+    if not args.adapter:
+        return pretrained, None
+    return load_peft_model(args.adapter, pretrained)  # modules_to_save replace base params
 
 
 def _ids(row: dict, key_text: str, key_ids: str, tokenizer, path: str, special: bool) -> list[int]:

@@ -446,8 +446,8 @@ class Engine:
     ) -> list[GenerateResult]:
         """Greedy continuations (EOS excluded; a stop sequence, if hit, included).
 
-        EOS ids come from the tokenizer (else `config.eos_token_ids`). Llama prompts are left-padded;
-        T5 inputs go to the encoder.
+        EOS ids are `Pretrained.eos_ids` (generation_config.json's, else the tokenizer's, else the
+        config's). Llama prompts are left-padded; T5 inputs go to the encoder.
 
         Args:
           prompts: non-empty token-id sequences.
@@ -461,9 +461,12 @@ class Engine:
 
         Raises:
           ValueError: an empty prompt, or an adapter mismatch as in `score`.
+          CheckpointError: the model's generation_config.json sets a field that changes greedy output
+            (repetition_penalty, num_beams, ...), named with the file.
         """
-        tok = self.pretrained.tokenizer
-        eos = tuple(tok.eos_ids) if tok else tuple(getattr(self.pretrained.config, "eos_token_ids", ()))
+        if self.pretrained.generation is not None:
+            self.pretrained.generation.check_greedy()
+        eos = self.pretrained.eos_ids
         stops = tuple(dict.fromkeys(tuple(s) for s in stop_sequences if s))
         results: list[GenerateResult | None] = [None] * len(prompts)
         for i, p in enumerate(prompts):

@@ -83,7 +83,7 @@ def _load_trained(directory: Path, dtype: str) -> Any:
     import os
     import subprocess
 
-    from jaxlm.checkpoints.peft import load_peft_adapter
+    from jaxlm.checkpoints.peft import load_peft_model
     from jaxlm.checkpoints.pretrained import Pretrained, load_pretrained
     from jaxlm.models.lora import merge
 
@@ -100,8 +100,9 @@ def _load_trained(directory: Path, dtype: str) -> Any:
     if not adapter_config.is_file():
         return load_pretrained(directory, dtype=dtype)
     base = load_pretrained(json.loads(adapter_config.read_text())["base_model_name_or_path"], dtype=dtype)
-    merged = merge(base.params, load_peft_adapter(directory, base))
-    return Pretrained(base.family, base.config, merged, base.tokenizer, str(directory))
+    base, lora = load_peft_model(directory, base)  # modules_to_save replace base params
+    merged = merge(base.params, lora)
+    return Pretrained(base.family, base.config, merged, base.tokenizer, str(directory), base.generation)
 
 
 @gin.configurable

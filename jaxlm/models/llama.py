@@ -8,6 +8,7 @@ real slots, and RoPE positions come from the attention mask, so left and right p
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -29,6 +30,55 @@ REMAT_POLICIES = {
 }
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling, as transformers' `rope_parameters` / `rope_scaling` (same names).
+
+    Attributes:
+      rope_type: "linear" (frequencies / factor), "dynamic" (NTK base grown with the longest position
+        of the call, past `original_max_position_embeddings`), "yarn" or "llama3".
+      factor: the scaling factor.
+      original_max_position_embeddings: pretraining context (llama3, yarn; dynamic: the model's
+        max_position_embeddings).
+      low_freq_factor: llama3's low-frequency factor.
+      high_freq_factor: llama3's high-frequency factor.
+      beta_fast: yarn's extrapolation boundary (transformers' default 32).
+      beta_slow: yarn's interpolation boundary (default 1).
+      attention_factor: yarn's cos/sin scale; None derives it from factor/mscale/mscale_all_dim.
+      mscale: yarn's mscale (with mscale_all_dim), or None.
+      mscale_all_dim: yarn's mscale_all_dim, or None.
+      truncate: yarn truncates the correction range to whole dimensions (transformers' default True).
+
+    Raises:
+      ValueError: at construction, an unknown rope_type, a factor <= 0, or a missing original context.
+    """
+
+    rope_type: str
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES[1:]:
+            raise ValueError(f"rope_type={self.rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor={self.factor!r} must be positive")
+        if self.rope_type in ("llama3", "yarn", "dynamic") and not self.original_max_position_embeddings:
+            raise ValueError(f"rope_type={self.rope_type!r} needs original_max_position_embeddings")
+        if self.rope_type == "llama3" and (self.low_freq_factor is None or self.high_freq_factor is None):
+            raise ValueError("rope_type='llama3' needs low_freq_factor and high_freq_factor")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Hyperparameters of a Llama-family decoder (names follow transformers' LlamaConfig where they can).
@@ -42,6 +92,7 @@ class LlamaConfig:
       num_kv_heads: key/value heads K (GQA); H must be a multiple of K.
       head_dim: per-head width; None means hidden_size // num_heads (see `dim_per_head`).
       rope_theta: RoPE base.
+      rope_scaling: RoPE frequency scaling (Llama 3.1's "llama3", "linear", "dynamic", "yarn"), or None.
       rms_norm_eps: epsilon of every RMSNorm.
       tie_word_embeddings: logits from the embedding table (no `lm_head` param).
       attention_bias: q/k/v/o projections have biases.
@@ -67,6 +118,7 @@ class LlamaConfig:
     num_kv_heads: int
     head_dim: int | None = None
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -96,22 +148,88 @@ class LlamaConfig:
         return self.head_dim or self.hidden_size // self.num_heads
 
 
-def rope(x_BxLxHxD: Array, positions_BxL: Array, theta: float) -> Array:
+def rope_frequencies(dim: int, theta: float, scaling: RopeScaling | None, positions_BxL: Array) -> tuple[Array, float]:
+    """Inverse frequencies (dim/2,) float32 and the cos/sin scale, as transformers' rope init functions.
+
+    Args:
+      dim: the rotated width D (even).
+      theta: RoPE base.
+      scaling: the scaling, or None for plain RoPE.
+      positions_BxL: the call's positions (only "dynamic" reads them: its base grows with max + 1).
+
+    Returns:
+      (inv_freq (D/2,) float32, attention factor: 1.0 except for yarn).
+    """
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling is None:
+        return inv_freq, 1.0
+    s = scaling
+    if s.rope_type == "linear":
+        return inv_freq / s.factor, 1.0
+    if s.rope_type == "dynamic":
+        # transformers recomputes the base once the longest position passes the original context;
+        # stateless here: each call uses its own longest position (as a fresh transformers model does).
+        original = s.original_max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions_BxL) + 1, original).astype(jnp.float32)
+        base = theta * ((s.factor * seq_len / original) - (s.factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** exponents), 1.0
+    if s.rope_type == "llama3":
+        original = s.original_max_position_embeddings
+        low_wavelen, high_wavelen = original / s.low_freq_factor, original / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (original / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return jnp.where(medium, smoothed, scaled), 1.0
+    # yarn
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = s.attention_factor
+    if attention_factor is None:
+        if s.mscale and s.mscale_all_dim:
+            attention_factor = get_mscale(s.factor, s.mscale) / get_mscale(s.factor, s.mscale_all_dim)
+        else:
+            attention_factor = get_mscale(s.factor)
+    original = s.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = theta ** exponents
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (s.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rope(x_BxLxHxD: Array, positions_BxL: Array, theta: float, scaling: RopeScaling | None = None) -> Array:
     """Rotary embedding in the Hugging Face (rotate-half, non-interleaved) layout.
 
     Args:
       x_BxLxHxD: queries or keys (B, L, H, D), D even.
       positions_BxL: integer position of each token (B, L).
       theta: RoPE base (`rope_theta`).
+      scaling: RoPE frequency scaling (`LlamaConfig.rope_scaling`), or None.
 
     Returns:
       (B, L, H, D) rotated, in x's dtype (the rotation is computed in float32).
     """
     d = x_BxLxHxD.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    inv_freq, attention_factor = rope_frequencies(d, theta, scaling, positions_BxL)
     angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # (B, L, D/2)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
     x = x_BxLxHxD.astype(jnp.float32)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -181,8 +299,8 @@ class LlamaAttention(nn.Module):
         q = dense("q_proj", c.num_heads * hd, ("embed", "heads"))(x, sub(lora, "q_proj"), lora_scale)
         k = dense("k_proj", c.num_kv_heads * hd, ("embed", "kv"))(x, sub(lora, "k_proj"), lora_scale)
         v = dense("v_proj", c.num_kv_heads * hd, ("embed", "kv"))(x, sub(lora, "v_proj"), lora_scale)
-        q = rope(q.reshape(b, l, c.num_heads, hd), positions, c.rope_theta)
-        k = heads_major(rope(k.reshape(b, l, c.num_kv_heads, hd), positions, c.rope_theta))
+        q = rope(q.reshape(b, l, c.num_heads, hd), positions, c.rope_theta, c.rope_scaling)
+        k = heads_major(rope(k.reshape(b, l, c.num_kv_heads, hd), positions, c.rope_theta, c.rope_scaling))
         v = heads_major(v.reshape(b, l, c.num_kv_heads, hd))
         new_cache = None
         if layer_cache is not None:
@@ -403,15 +521,12 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
       The LlamaConfig (dtype and param_dtype left at "float32").
 
     Raises:
-      ValueError: RoPE scaling other than the default, or a head count the config rejects.
+      ValueError: an unsupported RoPE scaling (see `rope_scaling_from_hf`), or a head count the config rejects.
       KeyError: a required field (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
         num_attention_heads) is missing.
     """
     eos = hf.get("eos_token_id", 2)
     rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise ValueError(f"config.json: rope scaling {scaling!r} is not supported (only default RoPE)")
     return LlamaConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -421,6 +536,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"),
         rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling_from_hf(hf),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         attention_bias=hf.get("attention_bias", False),
@@ -431,6 +547,58 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
         eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ()),
         pad_token_id=hf.get("pad_token_id"),
     )
+
+
+_ROPE_KEYS = {f.name for f in dataclasses.fields(RopeScaling)} | {"type", "rope_theta", "partial_rotary_factor"}
+
+
+def rope_scaling_from_hf(hf: Mapping[str, Any]) -> RopeScaling | None:
+    """RopeScaling from a config.json's `rope_scaling` (transformers 4) or `rope_parameters` (5).
+
+    Args:
+      hf: the parsed config.json.
+
+    Returns:
+      None for default RoPE, else the scaling (llama3/yarn's original context defaults to
+      max_position_embeddings, as in transformers; yarn's factor to max / original).
+
+    Raises:
+      ValueError: "config.json: ..." naming an unsupported rope_type (longrope, ...), a key of the
+        scaling dict jaxlm does not know, or partial_rotary_factor != 1.
+    """
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("default", None):
+        return None
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"config.json: rope scaling rope_type={rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
+    unknown = sorted(set(params) - _ROPE_KEYS)
+    if unknown:
+        raise ValueError(f"config.json: rope scaling key {unknown[0]!r} is not supported (rope_type={rope_type!r})")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"config.json: rope scaling partial_rotary_factor={params['partial_rotary_factor']!r} is not supported")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    original = max_pos if rope_type == "dynamic" else params.get("original_max_position_embeddings") or max_pos
+    factor = params.get("factor")
+    if factor is None and rope_type == "yarn":
+        factor = max_pos / original
+    if factor is None:
+        raise ValueError(f"config.json: rope scaling rope_type={rope_type!r} needs 'factor'")
+    optional = {k: params[k] for k in ("low_freq_factor", "high_freq_factor", "attention_factor", "mscale",
+                                       "mscale_all_dim", "truncate") if params.get(k) is not None}
+    optional.update({k: float(params[k]) for k in ("beta_fast", "beta_slow") if params.get(k)})
+    return RopeScaling(rope_type, float(factor), int(original), **optional)
+
+
+def rope_scaling_to_hf(scaling: RopeScaling) -> dict[str, Any]:
+    """The `rope_scaling` dict of config.json for `scaling` (unset optional fields left out)."""
+    out = {k: v for k, v in dataclasses.asdict(scaling).items() if v is not None}
+    if scaling.rope_type == "dynamic":
+        out.pop("original_max_position_embeddings")  # transformers' dynamic reads max_position_embeddings
+    if scaling.rope_type != "yarn":
+        for k in ("beta_fast", "beta_slow", "truncate"):
+            out.pop(k)
+    return out
 
 
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
@@ -455,6 +623,7 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.dim_per_head,
         "rope_theta": config.rope_theta,
+        **({"rope_scaling": rope_scaling_to_hf(config.rope_scaling)} if config.rope_scaling else {}),
         "rms_norm_eps": config.rms_norm_eps,
         "tie_word_embeddings": config.tie_word_embeddings,
         "attention_bias": config.attention_bias,
