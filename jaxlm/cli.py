@@ -5,7 +5,8 @@ handler takes the parsed args and returns an exit status. Modules are imported l
 chosen command's heavy imports run: `jaxlm data` pulls seqio/TensorFlow, nothing else does).
 
 Every user error (a wrong path, an unsupported architecture, a malformed input line) ends in one
-line `jaxlm: error: ...` and exit status 2, never a traceback.
+line `jaxlm: error: ...` and exit status 2, never a traceback; a closed stdout (`jaxlm metrics ... |
+head`) ends quietly with status 141.
 """
 
 from __future__ import annotations
@@ -56,13 +57,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handlers = _register_modules(sub, argv)
         args = parser.parse_args(argv)
-        return handlers[args.command](args)
+        status = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
+        return status
     except JaxlmError as e:
-        print(f"jaxlm: error: {e}", file=sys.stderr)
+        print(f"jaxlm: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jaxlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_stdout()
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message as one line: gin's "In call to configurable ..." context lines (added when a
+    configurable raises) are dropped, the remaining lines joined with " "."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith("In call to configurable"))
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (`jaxlm metrics ... | head`): no traceback, and none again when
+    Python flushes stdout at exit. Exit status 141 (128 + SIGPIPE), as a shell tool killed by it."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 if __name__ == "__main__":

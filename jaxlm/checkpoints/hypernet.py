@@ -31,6 +31,7 @@ from jaxlm.checkpoints.hf import CheckpointError, flatten, unflatten
 from jaxlm.checkpoints.pretrained import Pretrained, export_hf, load_pretrained
 from jaxlm.files import write_dir_atomically
 from jaxlm.models.lora import LoraSpec, LoraWeights
+from jaxlm import jsonl
 
 HYPERNET_CONFIG = "hypernet.json"
 PARAMS_FILE = "hypernet.safetensors"
@@ -89,7 +90,7 @@ def save_hypernet(directory: str | Path, objective: Any, trainable: Any, frozen:
         save_file(tensors, str(tmp / PARAMS_FILE))
         if not keep_source:
             export_hf(objective.export_target(frozen["base"]), tmp / "base", params=frozen["base"])
-        (tmp / HYPERNET_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (tmp / HYPERNET_CONFIG).write_text(jsonl.dumps(meta, indent=2, sort_keys=True))
 
     return write_dir_atomically(directory, fill)
 

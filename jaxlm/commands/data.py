@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, Callable
 
 from jaxlm.errors import DataError, UsageError
+from jaxlm import jsonl
 
 SOURCES_HELP = "superni, bigbench, bbh or rewrite"
 
@@ -92,7 +92,7 @@ def cmd_show(args) -> int:
     if task is None:
         raise DataError(f"--task {args.task!r}: not found in --data_dir {args.data_dir} (source {args.source})")
     for index in range(min(args.n, len(task.instances))):
-        print(json.dumps(example_fields(task, index, fmt, args.num_shots), ensure_ascii=False))
+        print(jsonl.dumps(example_fields(task, index, fmt, args.num_shots), ensure_ascii=False))
     return 0
 
 
@@ -101,9 +101,9 @@ def cmd_stats(args) -> int:
 
     stats = task_stats(args.source, args.data_dir, part=args.split)
     for row in stats["tasks"]:
-        print(json.dumps(row, ensure_ascii=False))
+        print(jsonl.dumps(row, ensure_ascii=False))
     missing = stats.get("missing", {"count": 0, "names": []})
-    print(json.dumps({"source": stats.get("source", args.source), "tasks": len(stats["tasks"]),
+    print(jsonl.dumps({"source": stats.get("source", args.source), "tasks": len(stats["tasks"]),
                       "instances": sum(int(r.get("instances", 0)) for r in stats["tasks"]),
                       "missing": missing}, ensure_ascii=False))
     return 0
@@ -119,7 +119,7 @@ def cmd_align(args) -> int:
                             group_by=args.group_by, steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.learning_rate, temperature=args.temperature, seed=args.seed,
                             max_length=args.max_length)
-    print(json.dumps(summary))
+    print(jsonl.dumps(summary))
     return 0
 
 
@@ -148,7 +148,7 @@ def cmd_select(args: Any) -> int:
     embedder = load_encoder(args.encoder, getattr(args, "cache_dir", None))
     ranking = rank_sources(target, sources, embedder=embedder, text=args.text)
     for rank, (name, score) in enumerate(ranking[: args.top_k], start=1):
-        print(json.dumps({"rank": rank, "task": name, "score": round(score, 6)}))
+        print(jsonl.dumps({"rank": rank, "task": name, "score": round(score, 6)}))
     return 0
 
 

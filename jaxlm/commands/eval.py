@@ -7,12 +7,12 @@ Light imports only at module level: the CLI imports this module to build its par
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
+from jaxlm import jsonl
 
 METRICS_HELP = """\
 Super-NI metrics of a predictions file, the official way (ROUGE-L via rouge-score, exact match;
@@ -72,7 +72,7 @@ def cmd_metrics(args: Any) -> int:
 
     preds, refs, tasks, cats = read_predictions(args.input)
     report = superni_report(preds, refs, tasks, cats, track=args.track)
-    print(json.dumps(report, indent=2, sort_keys=False))
+    print(jsonl.dumps(report, indent=2, sort_keys=False))
     return 0
 
 
@@ -80,12 +80,15 @@ def cmd_eval(args: Any) -> int:
     from jaxlm.errors import UsageError
     from jaxlm.eval import sweep
     from jaxlm.experiment.gin_config import parse_config
+    from jaxlm.files import RunLock, writable_dir
 
     if not args.gin_file:
         raise UsageError("jaxlm eval needs at least one --gin_file")
+    writable_dir(args.workdir, "--workdir")
     parse_config(args.gin_file, gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
-    summary = sweep.run_from_gin(args.workdir)
-    print(json.dumps(summary), file=sys.stderr)
+    with RunLock(args.workdir):
+        summary = sweep.run_from_gin(args.workdir)
+    print(jsonl.dumps(summary), file=sys.stderr)
     return 0
 
 

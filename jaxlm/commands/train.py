@@ -5,13 +5,15 @@ hypernetwork emits for an instruction, as a PEFT directory).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
 from jaxlm.errors import UsageError
+from jaxlm.files import writable_dir
+from jaxlm import jsonl
 
 TRAIN_HELP = """\
 Train from gin files, t5x style:
@@ -22,6 +24,20 @@ complete checkpoint. String values need gin quotes: --gin.train.mesh_shape="'dat
 """
 
 
+def run_lock(workdir: str) -> Any:
+    """The workdir's `RunLock` on the process that writes it (process 0 of a multi-process run; the others
+    write only their checkpoint shards), a no-op elsewhere and for remote (gs://) workdirs."""
+    import contextlib
+
+    import jax
+
+    from jaxlm.files import RunLock
+
+    if jax.process_index() != 0 or "://" in str(workdir):
+        return contextlib.nullcontext()
+    return RunLock(workdir)
+
+
 def cmd_train(args: Any) -> int:
     from jaxlm.distributed import initialize_distributed
     from jaxlm.experiment.gin_config import parse_config
@@ -29,12 +45,14 @@ def cmd_train(args: Any) -> int:
 
     if not args.gin_file:
         raise UsageError("jaxlm train needs at least one --gin_file")
+    writable_dir(args.workdir, "--workdir")  # before any compute
     parse_config(args.gin_file, gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
     initialize_distributed()  # joins a SLURM/TPU-pod/launcher run; a no-op for one process
 
-    summary = run_parsed_config(args.workdir)  # one `train`, or a TAGI pipeline (one train per gin scope)
+    with run_lock(args.workdir):
+        summary = run_parsed_config(args.workdir)  # one `train`, or a TAGI pipeline (one train per gin scope)
     out = {k: summary[k] for k in ("step", "loss", "skipped_steps", "resumed_from", "workdir")}
-    print(json.dumps(out), file=sys.stderr)
+    print(jsonl.dumps(out), file=sys.stderr)
     return 0
 
 
@@ -51,9 +69,13 @@ adapter_config.json names the base model's HF dir (exported with the hypernetwor
 def cmd_adapter(args: Any) -> int:
     from jaxlm.checkpoints.hypernet import load_hypernet
 
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output}: is a file, not a directory")
+    writable_dir(output.parent, "--output")  # before loading anything
     hyper = load_hypernet(args.hypernet)
     out = hyper.export_adapter(args.instruction, args.output)
-    print(json.dumps({"adapter": str(out), "base_model_dir": str(hyper.base_model_dir)}))
+    print(jsonl.dumps({"adapter": str(out), "base_model_dir": str(hyper.base_model_dir)}))
     return 0
 
 
