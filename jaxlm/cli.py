@@ -12,6 +12,7 @@ head`) ends quietly with status 141.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -68,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _closed_stdout()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"jaxlm: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)  # a full disk anywhere
+        return 2
 
 
 def one_line(error: BaseException) -> str:

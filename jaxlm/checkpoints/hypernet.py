@@ -153,6 +153,7 @@ class Hypernet:
             encoder = self.base
             self.codec = text_codec(spec, tokenizer=None if spec == "bytes" else self.base.tokenizer)
         self._encoder_params = self.params.get("encoder", encoder.params)
+        self._encoder_positions = getattr(encoder.config, "max_position_embeddings", None)
         kind, model, module, fusion = self.config.encoder, encoder.model, self.module, self.config.fusion
 
         def run(encoder_params, hyper_params, ids, mask):  # params as arguments: never baked into the jit
@@ -166,11 +167,26 @@ class Hypernet:
         """How training built prompts: {"codec", "teacher_format", "student_format"}."""
         return dict(self.meta["instruction"])
 
+    @property
+    def max_instruction_tokens(self) -> int:
+        """The longest instruction the hypernetwork reads, in codec tokens: the length recorded at
+        training time (hypernet.json "instruction"/"max_length") when there, else the instruction
+        encoder's positions (max_position_embeddings), else (T5's relative positions have no limit)
+        the largest default length bucket, 2048."""
+        recorded = self.meta["instruction"].get("max_length")
+        return int(recorded or self._encoder_positions or DEFAULT_LENGTH_BUCKETS[-1])
+
     def tokenize(self, instruction: str) -> list[int]:
+        """The codec ids of `instruction`, cut to `max_instruction_tokens` (the first ones kept, as
+        training cuts them).
+
+        Raises:
+          ValueError: the instruction encodes to no tokens.
+        """
         ids = self.codec.encode(instruction)
         if not ids:
             raise ValueError("empty instruction")
-        return ids
+        return ids[: self.max_instruction_tokens]
 
     def adapters(self, instructions: Sequence[str]) -> LoraWeights:
         """One adapter per instruction, leaves (N, ...): the hypernetwork runs once per instruction,

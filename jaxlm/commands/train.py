@@ -73,7 +73,13 @@ def cmd_adapter(args: Any) -> int:
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output}: is a file, not a directory")
     writable_dir(output.parent, "--output")  # before loading anything
+    if not args.instruction.strip():
+        raise UsageError("--instruction is empty; the hypernetwork needs the task's instruction text")
     hyper = load_hypernet(args.hypernet)
+    length, limit = len(hyper.codec.encode(args.instruction)), hyper.max_instruction_tokens
+    if length > limit:
+        print(f"jaxlm adapter: --instruction has {length} tokens; the hypernetwork reads the first {limit} "
+              "(the rest is cut, as in training)", file=sys.stderr)
     out = hyper.export_adapter(args.instruction, args.output)
     print(jsonl.dumps({"adapter": str(out), "base_model_dir": str(hyper.base_model_dir)}))
     return 0
