@@ -34,7 +34,9 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
 
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     """The top-level parser and its subparsers action (commands are added by `_register_modules`)."""
-    parser = argparse.ArgumentParser(prog="jaxlm", description="JAX/Flax instruction-learning toolkit")
+    from jaxlm.commands.gin_flags import ArgumentParser
+
+    parser = ArgumentParser(prog="jaxlm", description="JAX/Flax instruction-learning toolkit")
     return parser, parser.add_subparsers(dest="command", required=True)
 
 
@@ -54,8 +56,8 @@ def _register_modules(sub: Any, argv: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `jaxlm ARGS...`; returns the exit status (2 on a user error, 130 on Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, sub = build_parser()
     try:
+        parser, sub = build_parser()
         handlers = _register_modules(sub, argv)
         args = parser.parse_args(argv)
         status = handlers[args.command](args)
