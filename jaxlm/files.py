@@ -57,7 +57,7 @@ def write_dir_atomically(path: str | Path, fill: Callable[[Path], None]) -> Path
     return path
 
 
-def writable_dir(path: str | os.PathLike, flag: str) -> Path:
+def writable_dir(path: str | os.PathLike, flag: str, named: str | os.PathLike | None = None) -> Path:
     """`path` as a directory we can write in, created (with its parents) when missing.
 
     Called by every command before it loads or compiles anything, so a bad output directory fails at
@@ -66,6 +66,8 @@ def writable_dir(path: str | os.PathLike, flag: str) -> Path:
     Args:
       path: the directory (`--workdir`, `--output`, ...).
       flag: the flag that named it, for the message.
+      named: what the flag named when `path` is its parent directory (an output file or directory
+        about to be written), for the message; default `path`.
 
     Returns:
       `path` as a Path.
@@ -75,20 +77,21 @@ def writable_dir(path: str | os.PathLike, flag: str) -> Path:
         read-only filesystem or missing permission); the message names `flag` and the path at fault.
     """
     path = Path(path)
+    shown = Path(named) if named is not None else path
     if "://" in str(path):
         return path
     for ancestor in (path, *path.parents):
         if ancestor.exists() or ancestor.is_symlink():
             if not ancestor.is_dir():
-                where = "is a file" if ancestor == path else f"lies under {ancestor}, which is a file"
-                raise UsageError(f"{flag} {path}: {where}, not a directory")
+                where = "is a file" if ancestor == shown else f"lies under {ancestor}, which is a file"
+                raise UsageError(f"{flag} {shown}: {where}, not a directory")
             break
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path, prefix=".write_test."):
             pass
     except OSError as e:
-        raise UsageError(f"{flag} {path}: not writable ({e.strerror or e})") from None
+        raise UsageError(f"{flag} {shown}: {path} is not writable ({e.strerror or e})") from None
     return path
 
 

@@ -31,7 +31,7 @@ def cmd_export(args: Any) -> int:
         raise UsageError(f"--step must be >= 0, got {args.step}")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: is a file, not a directory")
-    writable_dir(Path(args.output).parent, "--output")  # before restoring anything
+    writable_dir(Path(args.output).parent, "--output", named=args.output)  # before restoring anything
     summary = export_run(args.workdir, args.output, step=args.step, merged=args.merged,
                          search_paths=gin_search_paths(args))
     print(jsonl.dumps(summary))

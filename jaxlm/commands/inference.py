@@ -121,7 +121,7 @@ def _run(args, make_records) -> int:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
     if Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: is a directory, not a file")
-    writable_dir(Path(args.output).parent, "--output")  # before loading the model
+    writable_dir(Path(args.output).parent, "--output", named=args.output)  # before loading the model
     done = count_complete_lines(args.output) if args.resume else 0
     pretrained, lora = _load(args)
     from jaxlm.eval.engine import Engine

@@ -72,7 +72,7 @@ def cmd_adapter(args: Any) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output}: is a file, not a directory")
-    writable_dir(output.parent, "--output")  # before loading anything
+    writable_dir(output.parent, "--output", named=output)  # before loading anything
     if not args.instruction.strip():
         raise UsageError("--instruction is empty; the hypernetwork needs the task's instruction text")
     hyper = load_hypernet(args.hypernet)
