@@ -12,13 +12,12 @@ head`) ends quietly with status 141.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import DiskFullError, JaxlmError, is_disk_full
 
 # module path -> the subcommand names it registers (so `--help` lists them without importing).
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
@@ -64,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
         return status
     except JaxlmError as e:
+        if is_disk_full(e):
+            _exit_disk_full(e)
         print(f"jaxlm: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -72,10 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _closed_stdout()
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if not is_disk_full(e):
             raise
-        print(f"jaxlm: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)  # a full disk anywhere
-        return 2
+        _exit_disk_full(e)
 
 
 def one_line(error: BaseException) -> str:
@@ -83,6 +83,30 @@ def one_line(error: BaseException) -> str:
     configurable raises) are dropped, the remaining lines joined with " "."""
     lines = [line.strip() for line in str(error).splitlines()]
     return " ".join(line for line in lines if line and not line.startswith("In call to configurable"))
+
+
+def _exit_disk_full(error: BaseException) -> None:
+    """A full disk (during a checkpoint, a metrics write, anywhere): one line, then exit 2 at once, so the
+    writers still open (TensorBoard's atexit flush, orbax's threads) add no tracebacks of their own.
+    The line is the DiskFullError's in the chain when there is one (it names the checkpoint step)."""
+    import os
+
+    chain, seen = error, set()
+    while chain is not None and id(chain) not in seen and not isinstance(chain, DiskFullError):
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    message = one_line(chain if isinstance(chain, DiskFullError) else error)
+    if isinstance(error, OSError) and getattr(error, "filename", None) and error.filename not in message:
+        message = f"{error.filename}: {message}"
+    if "disk full" not in message:
+        message += " (disk full: free space and rerun; a run resumes from its last complete checkpoint)"
+    print(f"jaxlm: error: {message}", file=sys.stderr)
+    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+    os._exit(2)
 
 
 def _closed_stdout() -> int:

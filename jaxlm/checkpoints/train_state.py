@@ -14,7 +14,6 @@ that step). A save that runs out of disk space is one `CheckpointError`, not orb
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -27,8 +26,20 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxlm.checkpoints.hf import CheckpointError
+from jaxlm.errors import DiskFullError, is_disk_full
 
 log = logging.getLogger(__name__)
+
+
+class _NoDiskFullTracebacks(logging.Filter):
+    """orbax logs a failed background save with its traceback (absl ERROR) before the error reaches
+    `save`/`wait`; for a full disk `_disk_errors` turns it into one DiskFullError, so the log is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and is_disk_full(record.exc_info[1]))
+
+
+logging.getLogger("absl").addFilter(_NoDiskFullTracebacks())
 
 STATE, DATA = "state", "data_state"
 # Files a committed step directory must hold; a step missing one is incomplete (a partial copy).
@@ -95,7 +106,7 @@ class TrainCheckpointer:
         the devices; `wait()` blocks until the step is committed). Call on every process.
 
         Raises:
-          CheckpointError: the disk is full (this save, or an earlier asynchronous one, failed).
+          DiskFullError: the disk is full (this save, or an earlier asynchronous one, failed).
         """
         with _disk_errors(self.directory, step):
             self._manager.save(
@@ -170,7 +181,7 @@ class TrainCheckpointer:
         """Block until every started save is committed (and old steps are pruned).
 
         Raises:
-          CheckpointError: an asynchronous save ran out of disk space.
+          DiskFullError: an asynchronous save ran out of disk space.
         """
         with _disk_errors(self.directory, None):
             self._manager.wait_until_finished()
@@ -196,25 +207,8 @@ def _check_shapes(abstract: Any, restored: Any, where: Path) -> None:
             raise CheckpointError(f"{where}: array of shape {tuple(g.shape)} where the run expects {tuple(w.shape)}")
 
 
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def _is_disk_error(e: BaseException) -> bool:
-    """Whether `e` (or an exception it was raised from, however orbax/tensorstore wrap it) is a full disk,
-    an exhausted quota or a read-only filesystem."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
-            return True
-        if any(os.strerror(n) in str(e) for n in _DISK_ERRNOS):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 class _disk_errors:
-    """Turns a full disk (quota, read-only filesystem) during a checkpoint write into one CheckpointError."""
+    """Turns a full disk (quota, read-only filesystem) during a checkpoint write into one DiskFullError."""
 
     def __init__(self, directory: Any, step: int | None) -> None:
         self.directory, self.step = directory, step
@@ -223,10 +217,10 @@ class _disk_errors:
         return None
 
     def __exit__(self, kind: Any, e: BaseException | None, tb: Any) -> bool:
-        if e is not None and not isinstance(e, CheckpointError) and _is_disk_error(e):
+        if e is not None and not isinstance(e, DiskFullError) and is_disk_full(e):
             which = f"step {self.step}" if self.step is not None else "a checkpoint"
-            raise CheckpointError(f"{self.directory}: disk full (or read-only) while writing {which}; free space "
-                                  "and rerun: training resumes from the last complete checkpoint") from None
+            raise DiskFullError(f"{self.directory}: disk full (or read-only) while writing {which}; free space "
+                                "and rerun: training resumes from the last complete checkpoint") from None
         return False
 
 
