@@ -164,6 +164,14 @@ def _cases(d: Path, model: str) -> dict[str, tuple[list[str], list[str]]]:
                                        str(a_file / "adapter")], ["--output", "lies under"]),
         "adapter_not_a_hypernet": (["adapter", "--hypernet", str(fake_hypernet), "--instruction", "x", "--output",
                                     str(d / "adapter")], ["hypernet_run", "hypernet.json"]),
+        # -------- other commands
+        "align_output_dir_is_file": (["align-encoder", "--data_dir", str(d), "--output_dir", str(a_file)],
+                                     ["--output_dir", "is a file"]),
+        "align_output_dir_under_file": (["align-encoder", "--data_dir", str(d), "--output_dir", str(a_file / "enc")],
+                                        ["--output_dir", "lies under"]),
+        "train_without_gin_file": (["train", "--workdir", str(d / "run")], ["--gin_file"]),
+        "eval_without_gin_file": (["eval", "--workdir", str(d / "sweep")], ["--gin_file"]),
+        "gin_search_path_missing": (train("--gin_search_paths", str(d / "no_dir")), ["--gin_search_paths", "no_dir"]),
         # -------- eval sweep
         "eval_unknown_task_beside_real": (["eval", "--gin_file", "jaxlm/configs/tests/tiny_eval.gin", "--workdir",
                                            str(d / "sweep"), "--gin.eval_sweep.tasks=[@bbh/TaskSet()]",

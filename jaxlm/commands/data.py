@@ -112,9 +112,16 @@ def cmd_stats(args) -> int:
 def cmd_align(args) -> int:
     """`jaxlm align-encoder`: tune the aligned INSTA encoder (`jaxlm.train.embedder_tuning.align_encoder`)
     and print one JSON line {output_dir, groups, steps, first_loss, last_loss}."""
+    from pathlib import Path
+
+    from jaxlm.files import writable_dir
     from jaxlm.train.embedder_tuning import align_encoder
 
     _check_source(args)
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output_dir {output}: is a file, not a directory")
+    writable_dir(output.parent, "--output_dir", named=output)  # before any training
     summary = align_encoder(args.data_dir, args.output_dir, source=args.source, split=getattr(args, "split", None) or "default",
                             group_by=args.group_by, steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.learning_rate, temperature=args.temperature, seed=args.seed,
@@ -145,6 +152,10 @@ def cmd_select(args: Any) -> int:
         target = find_task(args.target, sources)
     if not [name for name in sources if name != target.name]:
         raise DataError(f"--data_dir {args.data_dir}: no {args.source} source tasks to rank for {target.name!r}")
+    if getattr(args, "cache_dir", None):
+        from jaxlm.files import writable_dir
+
+        writable_dir(args.cache_dir, "--cache_dir")
     embedder = load_encoder(args.encoder, getattr(args, "cache_dir", None))
     ranking = rank_sources(target, sources, embedder=embedder, text=args.text)
     for rank, (name, score) in enumerate(ranking[: args.top_k], start=1):
