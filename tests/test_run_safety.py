@@ -306,3 +306,20 @@ def test_binding_types_accept_every_shipped_config():
             if "expected" in str(e) and ", got " in str(e):
                 rejected.append(f"{path.name}: {e}")
     assert rejected == []
+
+
+def test_passage_files_name_the_bad_line(tmp_path):
+    """The TAGI pretraining passages reader (another JSONL reader) names a non-UTF-8 or non-JSON line."""
+    from jaxlm.data.tagi_tasks import read_passages
+    from jaxlm.errors import JaxlmError
+
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(JaxlmError, match=r"a\.jsonl:2: not UTF-8"):
+        read_passages(tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n[1]\n')
+    with pytest.raises(JaxlmError, match=r"a\.jsonl:2: expected a JSON object"):
+        read_passages(tmp_path)
+    (tmp_path / "a.jsonl").unlink()
+    (tmp_path / "b.txt").write_bytes(b"para\xff\n")
+    with pytest.raises(JaxlmError, match=r"b\.txt: not UTF-8"):
+        read_passages(tmp_path)

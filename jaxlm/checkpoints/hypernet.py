@@ -169,12 +169,11 @@ class Hypernet:
 
     @property
     def max_instruction_tokens(self) -> int:
-        """The longest instruction the hypernetwork reads, in codec tokens: the length recorded at
-        training time (hypernet.json "instruction"/"max_length") when there, else the instruction
-        encoder's positions (max_position_embeddings), else (T5's relative positions have no limit)
-        the largest default length bucket, 2048."""
-        recorded = self.meta["instruction"].get("max_length")
-        return int(recorded or self._encoder_positions or DEFAULT_LENGTH_BUCKETS[-1])
+        """The longest instruction the hypernetwork reads, in codec tokens: the instruction encoder's
+        positions (max_position_embeddings), or for T5 (relative positions, no limit) the largest default
+        length bucket, 2048. (The training data's own cut, tagi_data.max_instruction_len, is not
+        recorded in hypernet.json.)"""
+        return int(self._encoder_positions or DEFAULT_LENGTH_BUCKETS[-1])
 
     def tokenize(self, instruction: str) -> list[int]:
         """The codec ids of `instruction`, cut to `max_instruction_tokens` (the first ones kept, as
