@@ -84,8 +84,8 @@ def cmd_eval(args: Any) -> int:
 
     if not args.gin_file:
         raise UsageError("jaxlm eval needs at least one --gin_file")
-    writable_dir(args.workdir, "--workdir")
     parse_config(args.gin_file, gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
+    writable_dir(args.workdir, "--workdir")  # created only once the config parses, checked before any compute
     with RunLock(args.workdir):
         summary = sweep.run_from_gin(args.workdir)
     print(jsonl.dumps(summary), file=sys.stderr)

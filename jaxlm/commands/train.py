@@ -45,8 +45,8 @@ def cmd_train(args: Any) -> int:
 
     if not args.gin_file:
         raise UsageError("jaxlm train needs at least one --gin_file")
-    writable_dir(args.workdir, "--workdir")  # before any compute
     parse_config(args.gin_file, gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
+    writable_dir(args.workdir, "--workdir")  # created only once the config parses, checked before any compute
     initialize_distributed()  # joins a SLURM/TPU-pod/launcher run; a no-op for one process
 
     with run_lock(args.workdir):
