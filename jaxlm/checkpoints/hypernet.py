@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import jsonl
 from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length, pad_rows
 from jaxlm.checkpoints.hf import CheckpointError, flatten, unflatten
 from jaxlm.checkpoints.pretrained import Pretrained, export_hf, load_pretrained
 from jaxlm.files import write_dir_atomically
 from jaxlm.models.lora import LoraSpec, LoraWeights
-from jaxlm import jsonl
 
 HYPERNET_CONFIG = "hypernet.json"
 PARAMS_FILE = "hypernet.safetensors"

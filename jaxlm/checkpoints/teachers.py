@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxlm import jsonl
 from jaxlm.checkpoints.hf import CheckpointError
 from jaxlm.models import lora as lora_lib
 from jaxlm.models.lora import LoraWeights
-from jaxlm import jsonl
 
 TEACHERS_INDEX = "teachers.json"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from jaxlm.errors import DataError, UsageError
 from jaxlm import jsonl
+from jaxlm.errors import DataError, UsageError
 
 SOURCES_HELP = "superni, bigbench, bbh or rewrite"
 

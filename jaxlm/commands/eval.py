@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
 from jaxlm import jsonl
+from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
 
 METRICS_HELP = """\
 Super-NI metrics of a predictions file, the official way (ROUGE-L via rouge-score, exact match;

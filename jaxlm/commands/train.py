@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jaxlm import jsonl
 from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
 from jaxlm.errors import UsageError
 from jaxlm.files import writable_dir
-from jaxlm import jsonl
 
 TRAIN_HELP = """\
 Train from gin files, t5x style:
