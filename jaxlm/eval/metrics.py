@@ -12,6 +12,8 @@ Super-NI follows allenai/natural-instructions `eval/automatic/evaluation.py` exa
 - exact match: SQuAD normalisation without article removal (lowercase, drop `string.punctuation`,
   collapse whitespace);
 - max over references, mean over instances, x100.
+The LCS behind ROUGE-L is `lcs_length` (bit-parallel, bounded memory) rather than rouge-score's n x m
+table; the values are rouge-score's (tests/test_run_safety.py compares them).
 
 Every score returned here is a percentage (BIG-bench's own API reports fractions in [0, 1]).
 """
@@ -90,18 +92,6 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
     return vocab, merges
 
 
-@functools.cache
-def rouge_scorer_for(track: str = "default"):
-    """The official scorer of a Super-NI track (cached: the stemmer and GPT-2 BPE load once)."""
-    from rouge_score import rouge_scorer, tokenizers
-
-    if track == "default":
-        return rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
-    if track == "xlingual":
-        return rouge_scorer.RougeScorer(["rougeL"], tokenizer=GPT2WordTokenizer())
-    raise ConfigError(f"unknown Super-NI track {track!r}; expected one of {TRACKS}")
-
-
 # ----------------------------------------------------------------------------- per-instance metrics
 
 _PUNCT = frozenset(string.punctuation)
@@ -118,7 +108,8 @@ def exact_match(prediction: str, reference: str) -> float:
 
 @functools.cache
 def rouge_tokenizer_for(track: str = "default") -> Any:
-    """The tokenizer of a Super-NI track's official scorer (`rouge_scorer_for(track)` uses the same)."""
+    """The tokenizer of a Super-NI track's official scorer, `rouge_score.rouge_scorer.RougeScorer(["rougeL"],
+    tokenizer=...)` (cached: the stemmer and GPT-2 BPE load once)."""
     from rouge_score import tokenizers
 
     if track == "default":
@@ -129,9 +120,9 @@ def rouge_tokenizer_for(track: str = "default") -> Any:
 
 
 def rouge_l(prediction: str, reference: str, track: str = "default") -> float:
-    """ROUGE-L F-measure in [0, 1]: the value of `rouge_scorer_for(track).score(reference, prediction)`,
-    computed with `lcs_length` (memory linear in the lengths; rouge-score's own table is n x m: 23 GB
-    for two 200,000-word texts)."""
+    """ROUGE-L F-measure in [0, 1]: the official scorer's value (`RougeScorer(["rougeL"], tokenizer=
+    rouge_tokenizer_for(track)).score(reference, prediction)`), computed with `lcs_length` (memory
+    linear in the lengths; rouge-score's own table is n x m: 23 GB for two 200,000-word texts)."""
     from rouge_score import scoring
 
     tok = rouge_tokenizer_for(track)
