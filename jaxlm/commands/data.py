@@ -81,13 +81,17 @@ def cmd_data(args) -> int:
 
 def cmd_show(args) -> int:
     from jaxlm.data.sources import load_tasks
+    from jaxlm.data.task_files import UnknownTaskError
     from jaxlm.data.tasks import DEFAULT_FORMATS, check_format, example_fields
 
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
     fmt = args.format or DEFAULT_FORMATS[args.source]
     check_format(args.source, fmt)
-    tasks = load_tasks(args.source, args.data_dir, part=args.split, names=[args.task])
+    try:
+        tasks = load_tasks(args.source, args.data_dir, part=args.split, names=[args.task])
+    except UnknownTaskError:
+        tasks = {}  # the one name asked for is unknown: said below, naming --task
     task = tasks.get(args.task)
     if task is None:
         raise DataError(f"--task {args.task!r}: not found in --data_dir {args.data_dir} (source {args.source})")
