@@ -5,7 +5,8 @@ handler takes the parsed args and returns an exit status. Modules are imported l
 chosen command's heavy imports run: `jaxlm data` pulls seqio/TensorFlow, nothing else does).
 
 Every user error (a wrong path, an unsupported architecture, a malformed input line) ends in one
-line `jaxlm: error: ...` and exit status 2, never a traceback.
+line `jaxlm: error: ...` and exit status 2, never a traceback; a closed stdout (`jaxlm metrics ... |
+head`) ends quietly with status 141.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import DiskFullError, JaxlmError, is_disk_full
 
 # module path -> the subcommand names it registers (so `--help` lists them without importing).
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
@@ -32,7 +33,9 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
 
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     """The top-level parser and its subparsers action (commands are added by `_register_modules`)."""
-    parser = argparse.ArgumentParser(prog="jaxlm", description="JAX/Flax instruction-learning toolkit")
+    from jaxlm.commands.gin_flags import ArgumentParser
+
+    parser = ArgumentParser(prog="jaxlm", description="JAX/Flax instruction-learning toolkit")
     return parser, parser.add_subparsers(dest="command", required=True)
 
 
@@ -76,17 +79,68 @@ def _register_modules(sub: Any, argv: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `jaxlm ARGS...`; returns the exit status (2 on a user error, 130 on Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, sub = build_parser()
     try:
+        parser, sub = build_parser()
         handlers = _register_modules(sub, argv)
         args = parser.parse_args(argv)
-        return handlers[args.command](args)
+        status = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
+        return status
     except JaxlmError as e:
-        print(f"jaxlm: error: {e}", file=sys.stderr)
+        if is_disk_full(e):
+            _exit_disk_full(e)
+        print(f"jaxlm: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jaxlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_stdout()
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        _exit_disk_full(e)
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message as one line: gin's "In call to configurable ..." context lines (added when a
+    configurable raises) are dropped, the remaining lines joined with " "."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith("In call to configurable"))
+
+
+def _exit_disk_full(error: BaseException) -> None:
+    """A full disk (during a checkpoint, a metrics write, anywhere): one line, then exit 2 at once, so the
+    writers still open (TensorBoard's atexit flush, orbax's threads) add no tracebacks of their own.
+    The line is the DiskFullError's in the chain when there is one (it names the checkpoint step)."""
+    import os
+
+    chain, seen = error, set()
+    while chain is not None and id(chain) not in seen and not isinstance(chain, DiskFullError):
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    message = one_line(chain if isinstance(chain, DiskFullError) else error)
+    if isinstance(error, OSError) and getattr(error, "filename", None) and error.filename not in message:
+        message = f"{error.filename}: {message}"
+    if "disk full" not in message:
+        message += " (disk full: free space and rerun; a run resumes from its last complete checkpoint)"
+    print(f"jaxlm: error: {message}", file=sys.stderr)
+    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+    os._exit(2)
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (`jaxlm metrics ... | head`): no traceback, and none again when
+    Python flushes stdout at exit. Exit status 141 (128 + SIGPIPE), as a shell tool killed by it."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 if __name__ == "__main__":

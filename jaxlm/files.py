@@ -1,23 +1,29 @@
-"""Atomic file writes (a reader, or a resumed run, never sees half a file), local run directories,
-and the task-data root.
+"""Files and directories a run writes: atomic writes (a reader, or a resumed run, never sees half a
+file), local run directories (`local_dir`: URL-style paths refused), output directories checked before
+any compute (`writable_dir`), the exclusive lock of a run directory (`RunLock`: two processes never
+write one workdir), and the task-data root (`data_root`).
 
-The one helper behind every single-file cache and artefact (ICIL demo sets, embedding shards,
-tokenized-task caches). Directory artefacts (HF exports, PEFT adapters) use the same temp-then-rename
-idea in `jaxlm.checkpoints.hf.write_dir`.
+`write_atomically` is the one helper behind every single-file cache and artefact (ICIL demo sets,
+embedding shards, tokenized-task caches). Directory artefacts (HF exports, PEFT adapters) use the same
+temp-then-rename idea in `write_dir_atomically`.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 import gin
 
 from jaxlm.errors import UsageError
+
+LOCK_FILE = ".lock"
 
 
 def write_atomically(path: str | Path, write: Callable[[IO], None], *, binary: bool = False) -> Path:
@@ -109,3 +115,95 @@ def data_root(directory: str | os.PathLike | None = None) -> Path:
     if directory is not None:
         return Path(directory)
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+def writable_dir(path: str | os.PathLike, flag: str, named: str | os.PathLike | None = None) -> Path:
+    """`path` as a directory we can write in, created (with its parents) when missing.
+
+    Called by every command before it loads or compiles anything, so a bad output directory fails at
+    once instead of after minutes of compute. URL-style paths (gs://...) are refused (`local_dir`).
+
+    Args:
+      path: the directory (`--workdir`, `--output`, ...).
+      flag: the flag that named it, for the message.
+      named: what the flag named when `path` is its parent directory (an output file or directory
+        about to be written), for the message; default `path`.
+
+    Returns:
+      `path` as a Path.
+
+    Raises:
+      UsageError: `path` is a URL, is a file, lies under a file, cannot be created, or is not writable
+        (a read-only filesystem or missing permission); the message names `flag` and the path at fault.
+    """
+    path = local_dir(path, flag)
+    shown = Path(named) if named is not None else path
+    for ancestor in (path, *path.parents):
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                where = "is a file" if ancestor == shown else f"lies under {ancestor}, which is a file"
+                raise UsageError(f"{flag} {shown}: {where}, not a directory")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".write_test."):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {shown}: {path} is not writable ({e.strerror or e})") from None
+    return path
+
+
+class RunLock:
+    """An exclusive `fcntl.flock` on `directory/.lock`, held while one process writes a run directory.
+
+    A second process (another `jaxlm train|eval|demo` on the same workdir) fails at once with the
+    holder's pid; the kernel releases the lock when the holder exits or is killed, so a stale lock
+    file never blocks a rerun. Use as a context manager.
+    """
+
+    def __init__(self, directory: str | os.PathLike, flag: str = "--workdir") -> None:
+        self.directory = Path(directory)
+        self.flag = flag
+        self._file: IO | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.directory / LOCK_FILE
+
+    def acquire(self) -> "RunLock":
+        """Take the lock (creating the directory).
+
+        Raises:
+          UsageError: another process holds it (names its pid), or the directory is not writable.
+        """
+        writable_dir(self.directory, self.flag)
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise UsageError(f"{self.flag} {self.directory}: in use by another jaxlm process (pid {holder}, "
+                                 f"lock {self.path}); wait for it to finish or use another directory") from None
+            raise UsageError(f"{self.flag} {self.directory}: cannot lock {self.path} ({e.strerror})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would race with a process about to lock it)."""
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -6,6 +6,7 @@ write, a torn last line dropped, the keys already written skipped on resume)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator
@@ -18,15 +19,25 @@ class InputError(JaxlmError):
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every line of a user's input file as a dict, with its 1-based line number under "_line".
+
+    Strict: a malformed line anywhere, the last one included, is an error (an input is never
+    silently shortened); our own append-only outputs are read with `ResultsLog`, which drops a torn
+    last line instead.
+
+    Raises:
+      InputError: the file is missing, or a line is not UTF-8, not JSON or not an object (names
+        file:line).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such input file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
-            row = _parse_line(path, n, line)
+            row = _parse_line(path, n, raw)
             row["_line"] = n
             rows.append(row)
     return rows
@@ -35,19 +46,40 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 def _parse_line(path: Path, n: int, line: str | bytes) -> dict[str, Any]:
     """Line `n` of `path` as a JSON object; InputError (naming file and line) otherwise."""
     try:
+        if isinstance(line, bytes):
+            line = line.decode("utf-8")
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}:{n}: not UTF-8") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}:{n}: not UTF-8 (byte {line[e.start:e.start + 1]!r} at column {e.start + 1})") from None
     if not isinstance(row, dict):
         raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
     return row
 
 
+def finite_json(value: Any) -> Any:
+    """`value` (nested dicts, lists, tuples) with every NaN or infinite float replaced by None, so that
+    it is strict JSON (RFC 8259 has no NaN; Python's `json` would write a bare `NaN`)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` of `finite_json(value)` that refuses anything else non-strict: every JSON we write
+    (JSONL lines, printed summaries, metadata files) goes through here."""
+    return json.dumps(finite_json(value), allow_nan=False, **kwargs)
+
+
 def json_line(record: dict[str, Any], ensure_ascii: bool = False) -> str:
-    """One JSONL line: `record` as JSON (non-ASCII kept as UTF-8 unless `ensure_ascii`) plus a newline."""
-    return json.dumps(record, ensure_ascii=ensure_ascii) + "\n"
+    """One JSONL line: `record` as strict JSON (non-finite floats as null; non-ASCII kept as UTF-8
+    unless `ensure_ascii`) plus a newline."""
+    return dumps(record, ensure_ascii=ensure_ascii) + "\n"
 
 
 def count_complete_lines(path: str | os.PathLike) -> int:

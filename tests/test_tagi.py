@@ -166,7 +166,7 @@ def test_bad_config_raises_config_error_naming_the_binding(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_stage_run_lowers_each_loss_exports_and_matches_peft(tmp_path):
+def test_two_stage_run_lowers_each_loss_exports_and_matches_peft(tmp_path, capsys):
     """tiny_tagi.gin end to end (teachers, stage 1, stage 2) through `jaxlm train`, then `jaxlm adapter`
     and the adapter in transformers + peft reproduces jaxlm's logits."""
     import torch
@@ -211,6 +211,13 @@ def test_two_stage_run_lowers_each_loss_exports_and_matches_peft(tmp_path):
     both = hyper.adapters(["ab|c", "d|bb"])
     leaf = jax.tree_util.tree_leaves(both.params)[0]
     assert leaf.shape[0] == 2 and not np.allclose(leaf[0], leaf[1])
+    # a 10,000-character instruction is cut to what the hypernetwork reads, and the command says so
+    huge, limit = "ab|c" * 2500, hyper.max_instruction_tokens
+    capsys.readouterr()
+    assert cli.main(["adapter", "--hypernet", str(work), "--instruction", huge, "--output", str(tmp_path / "huge")]) == 0
+    assert f"--instruction has 10000 tokens; the hypernetwork reads the first {limit}" in capsys.readouterr().err
+    long_leaf, cut_leaf = (jax.tree_util.tree_leaves(hyper.adapters([text]).params)[0] for text in (huge, huge[:limit]))
+    assert limit == 128 and np.array_equal(long_leaf, cut_leaf)  # bytes codec: one token per character
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import jsonl
 from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length, pad_rows
 from jaxlm.checkpoints.hf import CheckpointError, flatten, unflatten
 from jaxlm.checkpoints.pretrained import Pretrained, export_hf, load_pretrained
@@ -89,7 +90,7 @@ def save_hypernet(directory: str | Path, objective: Any, trainable: Any, frozen:
         save_file(tensors, str(tmp / PARAMS_FILE))
         if not keep_source:
             export_hf(objective.export_target(frozen["base"]), tmp / "base", params=frozen["base"])
-        (tmp / HYPERNET_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (tmp / HYPERNET_CONFIG).write_text(jsonl.dumps(meta, indent=2, sort_keys=True))
 
     return write_dir_atomically(directory, fill)
 
@@ -153,6 +154,7 @@ class Hypernet:
             encoder = self.base
             self.codec = text_codec(spec, tokenizer=None if spec == "bytes" else self.base.tokenizer)
         self._encoder_params = self.params.get("encoder", encoder.params)
+        self._encoder_positions = getattr(encoder.config, "max_position_embeddings", None)
         kind, model, module, layer = self.config.encoder, encoder.model, self.module, self.config.encoder_layer
         fusion = self.config.fusion and self.meta["family"] == "t5"
         self._t5_fusion = fusion
@@ -174,11 +176,25 @@ class Hypernet:
         every prompt (`jaxlm.models.prefix`), as in training."""
         return self.config.fusion and self.meta["family"] == "llama"
 
+    @property
+    def max_instruction_tokens(self) -> int:
+        """The longest instruction the hypernetwork reads, in codec tokens: the instruction encoder's
+        positions (max_position_embeddings), or for T5 (relative positions, no limit) the largest default
+        length bucket, 2048. (The training data's own cut, tagi_data.max_instruction_len, is not
+        recorded in hypernet.json.)"""
+        return int(self._encoder_positions or DEFAULT_LENGTH_BUCKETS[-1])
+
     def tokenize(self, instruction: str) -> list[int]:
+        """The codec ids of `instruction`, cut to `max_instruction_tokens` (the first ones kept, as
+        training cuts them).
+
+        Raises:
+          ValueError: the instruction encodes to no tokens.
+        """
         ids = self.codec.encode(instruction)
         if not ids:
             raise ValueError("empty instruction")
-        return ids
+        return ids[: self.max_instruction_tokens]
 
     def adapters(self, instructions: Sequence[str]) -> LoraWeights:
         """One adapter per instruction, leaves (N, ...): the hypernetwork runs once per instruction,

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxlm import jsonl
 from jaxlm.checkpoints.hf import CheckpointError
 from jaxlm.models import lora as lora_lib
 from jaxlm.models.lora import LoraWeights
@@ -27,7 +28,7 @@ def write_teachers_index(directory: str | Path, entries: Sequence[Mapping[str, A
     """Write DIR/teachers.json listing `entries` ({"task", "task_index", "adapter"}); returns its path."""
     index_doc = {"base": base, "rank": rank, "alpha": alpha, "teachers": [dict(e) for e in entries]}
     path = Path(directory) / TEACHERS_INDEX
-    path.write_text(json.dumps(index_doc, indent=2))
+    path.write_text(jsonl.dumps(index_doc, indent=2))
     return path
 
 

@@ -7,13 +7,16 @@ every process writes only its own shards, a restore lands directly in the shardi
 visible only by an atomic rename of its tmp directory, so a save killed midway leaves nothing
 `all_steps` reports. What orbax does not do is fall back when the newest step is damaged (a
 truncated or deleted file: a full disk, a bad copy): `restore` validates and tries steps newest
-first, warning about each one it skips.
+first, warning about each one it skips and moving it aside to `<directory>.corrupt/<step>` (orbax
+never rewrites a step that exists, so a damaged step left in place would block every later save of
+that step). A save that runs out of disk space is one `CheckpointError`, not orbax's tracebacks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,20 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxlm.checkpoints.hf import CheckpointError
+from jaxlm.errors import DiskFullError, is_disk_full
 
 log = logging.getLogger(__name__)
+
+
+class _NoDiskFullTracebacks(logging.Filter):
+    """orbax logs a failed background save with its traceback (absl ERROR) before the error reaches
+    `save`/`wait`; for a full disk `_disk_errors` turns it into one DiskFullError, so the log is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and is_disk_full(record.exc_info[1]))
+
+
+logging.getLogger("absl").addFilter(_NoDiskFullTracebacks())
 
 STATE, DATA = "state", "data_state"
 # Files a committed step directory must hold; a step missing one is incomplete (a partial copy).
@@ -55,6 +70,7 @@ class TrainCheckpointer:
             max_to_keep=keep_last, keep_period=keep_every, enable_async_checkpointing=async_save, create=not read_only,
             cleanup_tmp_directories=not read_only,  # leftovers of saves killed midway (never listed as steps)
         )
+        self.read_only = read_only
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
 
     # ---------------------------------------------------------------- queries
@@ -87,12 +103,17 @@ class TrainCheckpointer:
     # ---------------------------------------------------------------- save
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> None:
         """Start writing `state` and `data_state` as `step` (returns once the arrays are copied off
-        the devices; `wait()` blocks until the step is committed). Call on every process."""
-        self._manager.save(
-            int(step),
-            args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(dict(data_state))}),
-            force=force,
-        )
+        the devices; `wait()` blocks until the step is committed). Call on every process.
+
+        Raises:
+          DiskFullError: the disk is full (this save, or an earlier asynchronous one, failed).
+        """
+        with _disk_errors(self.directory, step):
+            self._manager.save(
+                int(step),
+                args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(dict(data_state))}),
+                force=force,
+            )
 
     # ---------------------------------------------------------------- restore
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
@@ -120,11 +141,32 @@ class TrainCheckpointer:
                     return self._restore_step(abstract_state, candidate)
                 except Exception as e:  # noqa: BLE001
                     problem = f"unreadable ({_one_line(e)})"
+            moved = self._quarantine(candidate)
             message = (f"checkpoint step {candidate} in {self.directory} is corrupt or incomplete: {problem}; "
-                       "falling back to the previous step")
+                       + (f"moved to {moved}; " if moved else "") + "falling back to the previous step")
+            log.warning(message)
+            warnings.warn(message, CorruptCheckpointWarning, stacklevel=2)
+        if steps:
+            message = f"no readable checkpoint in {self.directory}: starting from step 0"
             log.warning(message)
             warnings.warn(message, CorruptCheckpointWarning, stacklevel=2)
         return None
+
+    def _quarantine(self, step: int) -> Path | None:
+        """Move a damaged step to `<directory>.corrupt/<step>[.N]` so that a later save can write the step
+        again (orbax skips a step already on disk); None when left in place (read-only, remote, or not
+        process 0: one process moves it)."""
+        if self.read_only or "://" in str(self.directory) or jax.process_index() != 0:
+            return None
+        source = Path(str(self.directory)) / str(step)
+        target_root = Path(f"{self.directory}.corrupt")
+        target_root.mkdir(parents=True, exist_ok=True)
+        target, n = target_root / str(step), 1
+        while target.exists():
+            target, n = target_root / f"{step}.{n}", n + 1
+        shutil.move(str(source), str(target))
+        self._manager.reload()
+        return target
 
     def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict, int]:
         restored = self._manager.restore(
@@ -136,8 +178,13 @@ class TrainCheckpointer:
 
     # ---------------------------------------------------------------- lifecycle
     def wait(self) -> None:
-        """Block until every started save is committed (and old steps are pruned)."""
-        self._manager.wait_until_finished()
+        """Block until every started save is committed (and old steps are pruned).
+
+        Raises:
+          DiskFullError: an asynchronous save ran out of disk space.
+        """
+        with _disk_errors(self.directory, None):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
@@ -158,6 +205,23 @@ def _check_shapes(abstract: Any, restored: Any, where: Path) -> None:
     for w, g in zip(want, got):
         if tuple(w.shape) != tuple(g.shape):
             raise CheckpointError(f"{where}: array of shape {tuple(g.shape)} where the run expects {tuple(w.shape)}")
+
+
+class _disk_errors:
+    """Turns a full disk (quota, read-only filesystem) during a checkpoint write into one DiskFullError."""
+
+    def __init__(self, directory: Any, step: int | None) -> None:
+        self.directory, self.step = directory, step
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, e: BaseException | None, tb: Any) -> bool:
+        if e is not None and not isinstance(e, DiskFullError) and is_disk_full(e):
+            which = f"step {self.step}" if self.step is not None else "a checkpoint"
+            raise DiskFullError(f"{self.directory}: disk full (or read-only) while writing {which}; free space "
+                                "and rerun: training resumes from the last complete checkpoint") from None
+        return False
 
 
 def _one_line(e: BaseException) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, Callable
 
+from jaxlm import jsonl
 from jaxlm.errors import DataError, UsageError
 
 SOURCES_HELP = "superni, bigbench, bbh or rewrite"
@@ -94,18 +94,22 @@ def cmd_data(args) -> int:
 
 def cmd_show(args) -> int:
     from jaxlm.data.sources import load_tasks
+    from jaxlm.data.task_files import UnknownTaskError
     from jaxlm.data.tasks import DEFAULT_FORMATS, check_format, example_fields
 
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
     fmt = args.format or DEFAULT_FORMATS[args.source]
     check_format(args.source, fmt)
-    tasks = load_tasks(args.source, args.data_dir, split=_split(args), part=args.part, names=[args.task])
+    try:
+        tasks = load_tasks(args.source, args.data_dir, split=_split(args), part=args.part, names=[args.task])
+    except UnknownTaskError:
+        tasks = {}  # the one name asked for is unknown: said below, naming --task
     task = tasks.get(args.task)
     if task is None:
         raise DataError(f"--task {args.task!r}: not found in --data_dir {args.data_dir} (source {args.source})")
     for index in range(min(args.n, len(task.instances))):
-        print(json.dumps(example_fields(task, index, fmt, args.num_shots), ensure_ascii=False))
+        print(jsonl.dumps(example_fields(task, index, fmt, args.num_shots), ensure_ascii=False))
     return 0
 
 
@@ -114,9 +118,9 @@ def cmd_stats(args) -> int:
 
     stats = task_stats(args.source, args.data_dir, split=_split(args), part=args.part)
     for row in stats["tasks"]:
-        print(json.dumps(row, ensure_ascii=False))
+        print(jsonl.dumps(row, ensure_ascii=False))
     missing = stats.get("missing", {"count": 0, "names": []})
-    print(json.dumps({"source": stats.get("source", args.source), "tasks": len(stats["tasks"]),
+    print(jsonl.dumps({"source": stats.get("source", args.source), "tasks": len(stats["tasks"]),
                       "instances": sum(int(r.get("instances", 0)) for r in stats["tasks"]),
                       "missing": missing}, ensure_ascii=False))
     return 0
@@ -125,14 +129,21 @@ def cmd_stats(args) -> int:
 def cmd_align(args) -> int:
     """`jaxlm align-encoder`: tune the aligned INSTA encoder (`jaxlm.train.embedder_tuning.align_encoder`)
     and print one JSON line {output_dir, groups, steps, first_loss, last_loss}."""
+    from pathlib import Path
+
+    from jaxlm.files import writable_dir
     from jaxlm.train.embedder_tuning import align_encoder
 
     _check_source(args)
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output_dir {output}: is a file, not a directory")
+    writable_dir(output.parent, "--output_dir", named=output)  # before any training
     summary = align_encoder(args.data_dir, args.output_dir, source=args.source, split=getattr(args, "split", None) or "default",
                             group_by=args.group_by, steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.learning_rate, temperature=args.temperature, seed=args.seed,
                             max_length=args.max_length)
-    print(json.dumps(summary))
+    print(jsonl.dumps(summary))
     return 0
 
 
@@ -158,10 +169,14 @@ def cmd_select(args: Any) -> int:
         target = find_task(args.target, sources)
     if not [name for name in sources if name != target.name]:
         raise DataError(f"--data_dir {args.data_dir}: no {args.source} source tasks to rank for {target.name!r}")
+    if getattr(args, "cache_dir", None):
+        from jaxlm.files import writable_dir
+
+        writable_dir(args.cache_dir, "--cache_dir")
     embedder = load_encoder(args.encoder, getattr(args, "cache_dir", None))
     ranking = rank_sources(target, sources, embedder=embedder, text=args.text)
     for rank, (name, score) in enumerate(ranking[: args.top_k], start=1):
-        print(json.dumps({"rank": rank, "task": name, "score": round(score, 6)}))
+        print(jsonl.dumps({"rank": rank, "task": name, "score": round(score, 6)}))
     return 0
 
 

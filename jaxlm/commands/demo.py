@@ -10,9 +10,11 @@ from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_pat
 
 def cmd_demo(args: Any) -> int:
     from jaxlm.experiment.demo import STAGES, run_demo
+    from jaxlm.files import RunLock
 
     stages = tuple(s for s in args.stages.split(",") if s) if args.stages else STAGES
-    return run_demo(args.workdir, args.gin_file, gin_bindings(args), stages, gin_search_paths(args))
+    with RunLock(args.workdir):  # checks the directory is writable first
+        return run_demo(args.workdir, args.gin_file, gin_bindings(args), stages, gin_search_paths(args))
 
 
 def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:

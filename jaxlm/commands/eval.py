@@ -7,11 +7,11 @@ Light imports only at module level: the CLI imports this module to build its par
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from jaxlm import jsonl
 from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
 
 METRICS_HELP = """\
@@ -72,7 +72,7 @@ def cmd_metrics(args: Any) -> int:
 
     preds, refs, tasks, cats = read_predictions(args.input)
     report = superni_report(preds, refs, tasks, cats, track=args.track)
-    print(json.dumps(report, indent=2, sort_keys=False))
+    print(jsonl.dumps(report, indent=2, sort_keys=False))
     return 0
 
 
@@ -80,13 +80,16 @@ def cmd_eval(args: Any) -> int:
     from jaxlm.errors import UsageError
     from jaxlm.eval import sweep
     from jaxlm.experiment.gin_config import parse_config
+    from jaxlm.files import RunLock, writable_dir
 
     if not args.gin_file:
         raise UsageError("jaxlm eval needs at least one --gin_file")
     mesh = [f"eval_sweep.mesh_shape = {args.mesh!r}"] if args.mesh else []  # as `plan --mesh`; --gin bindings win
     parse_config(args.gin_file, mesh + gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
-    summary = sweep.run_from_gin(args.workdir)
-    print(json.dumps(summary), file=sys.stderr)
+    writable_dir(args.workdir, "--workdir")  # created only once the config parses, checked before any compute
+    with RunLock(args.workdir):
+        summary = sweep.run_from_gin(args.workdir)
+    print(jsonl.dumps(summary), file=sys.stderr)
     return 0
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from jaxlm import jsonl
 
 EXPORT_HELP = """\
 Export what a `jaxlm train` run trained, for transformers / peft / `jaxlm score --model/--adapter`:
@@ -23,12 +25,16 @@ def cmd_export(args: Any) -> int:
     from jaxlm.commands.gin_flags import gin_search_paths
     from jaxlm.errors import UsageError
     from jaxlm.experiment.export import export_run
+    from jaxlm.files import writable_dir
 
     if args.step is not None and args.step < 0:
         raise UsageError(f"--step must be >= 0, got {args.step}")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output}: is a file, not a directory")
+    writable_dir(Path(args.output).parent, "--output", named=args.output)  # before restoring anything
     summary = export_run(args.workdir, args.output, step=args.step, merged=args.merged,
                          search_paths=gin_search_paths(args))
-    print(json.dumps(summary))
+    print(jsonl.dumps(summary))
     return 0
 
 

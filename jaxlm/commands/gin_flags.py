@@ -19,10 +19,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from jaxlm.errors import UsageError
 from jaxlm.experiment.gin_config import split_override
 
 
-class GinArgumentParser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, `--batch_size x`, a bad choice) are a `UsageError`: one
+    line `jaxlm: error: jaxlm score: argument --batch_size: invalid int value: 'x'`, exit 2, like every
+    other user error (argparse's own prints the usage block first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class GinArgumentParser(ArgumentParser):
     """Accepts `--gin.KEY=value` (an open-ended flag family argparse cannot declare) into args.gin_overrides."""
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):

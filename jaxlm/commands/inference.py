@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jaxlm.errors import UsageError
@@ -47,6 +48,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--resume", action="store_true", help="keep complete lines of an existing --output and continue")
+    p.add_argument("--truncate", default=None, choices=["left", "right"],
+                   help="cut an input that does not fit the model's max_position_embeddings (with the target, or "
+                        "--max_new_tokens) from this side; by default such an input is an error")
 
 
 def _load(args) -> tuple[Any, Any]:
@@ -59,12 +63,19 @@ def _load(args) -> tuple[Any, Any]:
     return load_peft_model(args.adapter, pretrained)  # modules_to_save replace base params
 
 
-def _ids(row: dict, key_text: str, key_ids: str, tokenizer, path: str, special: bool) -> list[int]:
+def _ids(row: dict, key_text: str, key_ids: str, tokenizer, path: str, special: bool,
+         vocab_size: int | None = None) -> list[int]:
+    """The token ids of one input field: `key_ids` as given (checked against `vocab_size`), else the
+    text of `key_text` tokenized. UsageError naming path:line and the field otherwise."""
     line = row["_line"]
     if key_ids in row:
         ids = row[key_ids]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+        # bool is an int subclass: `true` is not a token id
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             raise UsageError(f"{path}:{line}: field {key_ids!r} must be a list of non-negative ints")
+        if vocab_size is not None and ids and max(ids) >= vocab_size:
+            raise UsageError(f"{path}:{line}: field {key_ids!r} has token id {max(ids)}, but the model's "
+                             f"vocabulary has {vocab_size} ids (0..{vocab_size - 1})")
         return ids
     if key_text in row:
         if not isinstance(row[key_text], str):
@@ -75,17 +86,46 @@ def _ids(row: dict, key_text: str, key_ids: str, tokenizer, path: str, special: 
     raise UsageError(f"{path}:{line}: needs {key_text!r} (str) or {key_ids!r} (list of ints)")
 
 
+def context_length(pretrained: Any) -> int | None:
+    """Positions a decoder-only model was trained for (`max_position_embeddings`); None for T5, whose
+    relative position buckets have no hard limit."""
+    return getattr(pretrained.config, "max_position_embeddings", None) if pretrained.family == "llama" else None
+
+
+def fit_context(ids: list[int], room: int, side: str | None, where: str, what: str) -> tuple[list[int], bool]:
+    """`ids` cut to `room` tokens from `side` ("left": drop the first ones, "right": the last ones);
+    (ids, whether cut). With `side` None an input that does not fit is a UsageError naming `where`."""
+    if len(ids) <= room:
+        return ids, False
+    if side is None:
+        raise UsageError(f"{where}: {what} ({len(ids)} tokens) does not fit the model's context (room for {room}); "
+                         "shorten it, or pass --truncate left|right to cut it")
+    if room <= 0:
+        raise UsageError(f"{where}: {what} leaves no room for the input even with --truncate")
+    return (ids[len(ids) - room:] if side == "left" else ids[:room]), True
+
+
+def _report_cut(args: Any, cut: int, limit: int) -> None:
+    if cut:
+        print(f"jaxlm {args.command}: --truncate {args.truncate} cut {cut} input(s) to fit "
+              f"max_position_embeddings={limit}", file=sys.stderr)
+
+
 def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "_line"}
 
 
 def _run(args, make_records) -> int:
     """Shared score/generate driver: load, validate every line first, then write chunk by chunk."""
+    from jaxlm.files import writable_dir
     from jaxlm.jsonl import JsonlWriter, chunks, count_complete_lines, read_jsonl
 
     rows = read_jsonl(args.input)
     if args.batch_size <= 0:
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    if Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output}: is a directory, not a file")
+    writable_dir(Path(args.output).parent, "--output", named=args.output)  # before loading the model
     done = count_complete_lines(args.output) if args.resume else 0
     pretrained, lora = _load(args)
     from jaxlm.eval.engine import Engine
@@ -114,14 +154,23 @@ def cmd_score(args) -> int:
     def make(engine, rows):
         tok = engine.pretrained.tokenizer
         encdec = engine.pretrained.family == "t5"
-        examples = [
-            (_ids(r, "inputs", "input_ids", tok, args.input, True),
-             _ids(r, "targets", "target_ids", tok, args.input, encdec))
-            for r in rows
-        ]
-        for r, (_, tgt) in zip(rows, examples):
+        vocab = engine.pretrained.config.vocab_size
+        limit = context_length(engine.pretrained)
+        examples, cut = [], 0
+        for r in rows:
+            inp = _ids(r, "inputs", "input_ids", tok, args.input, True, vocab)
+            tgt = _ids(r, "targets", "target_ids", tok, args.input, encdec, vocab)
+            where = f"{args.input}:{r['_line']}"
             if not tgt:
-                raise UsageError(f"{args.input}:{r['_line']}: empty target")
+                raise UsageError(f"{where}: empty target")
+            if limit is not None:
+                if len(tgt) >= limit:  # a target is never cut: that would change what is scored
+                    raise UsageError(f"{where}: the target ({len(tgt)} tokens) does not fit the model's context "
+                                     f"(max_position_embeddings={limit}, one position kept for the input)")
+                inp, was_cut = fit_context(inp, limit - len(tgt), args.truncate, where, "input + target")
+                cut += was_cut
+            examples.append((inp, tgt))
+        _report_cut(args, cut, limit)
 
         def run(idx, lora):
             results = engine.score([examples[i] for i in idx], lora=lora)
@@ -142,15 +191,26 @@ def cmd_generate(args) -> int:
 
     def make(engine, rows):
         tok = engine.pretrained.tokenizer
-        prompts = []
+        vocab = engine.pretrained.config.vocab_size
+        limit = context_length(engine.pretrained)
+        if limit is not None and args.max_new_tokens >= limit:
+            raise UsageError(f"--max_new_tokens {args.max_new_tokens}: the model has {limit} positions "
+                             f"(max_position_embeddings), so at most {limit - 1} new tokens fit after a prompt")
+        prompts, cut = [], 0
         for r in rows:
             if args.chat and "inputs" in r and tok is not None and isinstance(r["inputs"], str):
                 r = {**r, "inputs": tok.apply_chat_template([{"role": "user", "content": r["inputs"]}])}
-                prompts.append(_ids(r, "inputs", "input_ids", tok, args.input, False))
+                prompts.append(_ids(r, "inputs", "input_ids", tok, args.input, False, vocab))
             else:
-                prompts.append(_ids(r, "inputs", "input_ids", tok, args.input, True))
+                prompts.append(_ids(r, "inputs", "input_ids", tok, args.input, True, vocab))
             if not prompts[-1]:
                 raise UsageError(f"{args.input}:{r['_line']}: empty input")
+            if limit is not None:
+                prompts[-1], was_cut = fit_context(prompts[-1], limit - args.max_new_tokens, args.truncate,
+                                                   f"{args.input}:{r['_line']}",
+                                                   f"input + --max_new_tokens {args.max_new_tokens}")
+                cut += was_cut
+        _report_cut(args, cut, limit)
         from jaxlm.eval.engine import cut_at_stop, stop_token_sequences
 
         # A stop string's usual tokenizations end decoding early; the text is cut at it regardless.

@@ -5,13 +5,15 @@ hypernetwork emits for an instruction, as a PEFT directory).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from jaxlm import jsonl
 from jaxlm.commands.gin_flags import add_gin_flags, gin_bindings, gin_search_paths, gin_subparser
 from jaxlm.errors import UsageError
+from jaxlm.files import writable_dir
 
 TRAIN_HELP = """\
 Train from gin files, t5x style:
@@ -20,6 +22,20 @@ Writes DIR/config.gin (operative config), DIR/metrics.jsonl (one line per logged
 DIR/tensorboard/ and DIR/checkpoints/; rerunning with the same --workdir resumes from the last
 complete checkpoint. String values need gin quotes: --gin.train.mesh_shape="'data=2,fsdp=4'".
 """
+
+
+def run_lock(workdir: str) -> Any:
+    """The workdir's `RunLock` on the process that writes it (process 0 of a multi-process run; the others
+    write only their checkpoint shards), a no-op elsewhere."""
+    import contextlib
+
+    import jax
+
+    from jaxlm.files import RunLock
+
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return RunLock(workdir)
 
 
 def cmd_train(args: Any) -> int:
@@ -31,11 +47,13 @@ def cmd_train(args: Any) -> int:
         raise UsageError("jaxlm train needs at least one --gin_file")
     mesh = [f"train.mesh_shape = {args.mesh!r}"] if args.mesh else []  # as `plan --mesh`; --gin bindings win
     parse_config(args.gin_file, mesh + gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
+    writable_dir(args.workdir, "--workdir")  # created only once the config parses, checked before any compute
     initialize_distributed()  # joins a SLURM/TPU-pod/launcher run; a no-op for one process
 
-    summary = run_parsed_config(args.workdir)  # one `train`, or a TAGI pipeline (one train per gin scope)
+    with run_lock(args.workdir):
+        summary = run_parsed_config(args.workdir)  # one `train`, or a TAGI pipeline (one train per gin scope)
     out = {k: summary[k] for k in ("step", "loss", "skipped_steps", "resumed_from", "workdir")}
-    print(json.dumps(out), file=sys.stderr)
+    print(jsonl.dumps(out), file=sys.stderr)
     return 0
 
 
@@ -52,9 +70,19 @@ adapter_config.json names the base model's HF dir (exported with the hypernetwor
 def cmd_adapter(args: Any) -> int:
     from jaxlm.checkpoints.hypernet import load_hypernet
 
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output}: is a file, not a directory")
+    writable_dir(output.parent, "--output", named=output)  # before loading anything
+    if not args.instruction.strip():
+        raise UsageError("--instruction is empty; the hypernetwork needs the task's instruction text")
     hyper = load_hypernet(args.hypernet)
+    length, limit = len(hyper.codec.encode(args.instruction)), hyper.max_instruction_tokens
+    if length > limit:
+        print(f"jaxlm adapter: --instruction has {length} tokens; the hypernetwork reads the first {limit} "
+              "(the rest is cut, as in training)", file=sys.stderr)
     out = hyper.export_adapter(args.instruction, args.output)
-    print(json.dumps({"adapter": str(out), "base_model_dir": str(hyper.base_model_dir)}))
+    print(jsonl.dumps({"adapter": str(out), "base_model_dir": str(hyper.base_model_dir)}))
     return 0
 
 

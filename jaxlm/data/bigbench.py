@@ -229,7 +229,7 @@ def load_bigbench(data_dir: str | os.PathLike | None, *, names: Sequence[str] | 
     tasks = [t for n, path in files.items() if n in wanted or n in parents or n.split("/", 1)[0] in wanted
              for t in read_bigbench_file(path, n)]
     tasks = [t for t in tasks if t.name in wanted or t.name.split("/", 1)[0] in wanted]
-    select_names([t.name for t in tasks], names, "bigbench")  # logs the names that matched nothing
+    select_names([t.name for t in tasks], names, "bigbench")  # raises on a name that matched nothing
     return tasks
 
 

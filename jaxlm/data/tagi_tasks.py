@@ -27,6 +27,7 @@ from jaxlm.checkpoints.teachers import teacher_indices
 from jaxlm.data.batches import TokenizedTask
 from jaxlm.data.schema import TaskData
 from jaxlm.errors import DataError, UsageError
+from jaxlm.jsonl import read_jsonl
 
 STUDENT_FORMATS = ("query", "none")
 
@@ -152,14 +153,14 @@ def read_passages(directory: str | Path, *, field: str = "text") -> list[str]:
     passages: list[str] = []
     for f in sorted(directory.rglob("*")):
         if f.suffix == ".txt":
-            passages += [p.strip() for p in f.read_text(encoding="utf-8").split("\n\n")]
+            try:
+                passages += [p.strip() for p in f.read_text(encoding="utf-8").split("\n\n")]
+            except UnicodeDecodeError as e:
+                raise DataError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         elif f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
+            for row in read_jsonl(f):  # a line that is not UTF-8, JSON or an object: an error naming it
                 if not isinstance(row.get(field), str):
-                    raise DataError(f"{f}:{n}: field {field!r} is missing or not a string")
+                    raise DataError(f"{f}:{row['_line']}: field {field!r} is missing or not a string")
                 passages.append(row[field].strip())
     passages = [p for p in passages if p]
     if not passages:

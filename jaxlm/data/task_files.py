@@ -93,8 +93,17 @@ def source_dir(data_dir: str | os.PathLike | None, folder: str, looks_right: Cal
     raise DataError(f"{root}: not a {folder} data directory (expected its files here or under {root / folder})")
 
 
+class UnknownTaskError(DataError):
+    """Task names asked for that the source does not have (names them)."""
+
+
 def select_names(available: Sequence[str], names: Sequence[str] | None, what: str) -> list[str]:
-    """Keep `available` names asked for (a BIG-bench parent name selects its subtasks); warn about the rest."""
+    """The `available` names asked for (a BIG-bench parent name selects its subtasks).
+
+    Raises:
+      UnknownTaskError: a name in `names` matches nothing (a typo beside a real task would otherwise shrink
+        the run silently); the message names `what` and the first unknown names.
+    """
     if names is None:
         return list(available)
     wanted = set(names)
@@ -102,7 +111,7 @@ def select_names(available: Sequence[str], names: Sequence[str] | None, what: st
     found = set(kept) | {n.split("/", 1)[0] for n in kept}
     unknown = [n for n in names if n not in found]
     if unknown:
-        log.warning("%s: %d requested task(s) not found: %s", what, len(unknown), ", ".join(unknown[:5]))
+        raise UnknownTaskError(f"{what}: {len(unknown)} requested task(s) do not exist: {', '.join(unknown[:5])}")
     return kept
 
 

@@ -12,6 +12,8 @@ Super-NI follows allenai/natural-instructions `eval/automatic/evaluation.py` exa
 - exact match: SQuAD normalisation without article removal (lowercase, drop `string.punctuation`,
   collapse whitespace);
 - max over references, mean over instances, x100.
+The LCS behind ROUGE-L is `lcs_length` (bit-parallel, bounded memory) rather than rouge-score's n x m
+table; the values are rouge-score's (tests/test_run_safety.py compares them).
 
 Every score returned here is a percentage (BIG-bench's own API reports fractions in [0, 1]).
 """
@@ -23,7 +25,7 @@ import importlib.util
 import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable
 
 import numpy as np
 
@@ -90,18 +92,6 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
     return vocab, merges
 
 
-@functools.cache
-def rouge_scorer_for(track: str = "default"):
-    """The official scorer of a Super-NI track (cached: the stemmer and GPT-2 BPE load once)."""
-    from rouge_score import rouge_scorer, tokenizers
-
-    if track == "default":
-        return rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
-    if track == "xlingual":
-        return rouge_scorer.RougeScorer(["rougeL"], tokenizer=GPT2WordTokenizer())
-    raise ConfigError(f"unknown Super-NI track {track!r}; expected one of {TRACKS}")
-
-
 # ----------------------------------------------------------------------------- per-instance metrics
 
 _PUNCT = frozenset(string.punctuation)
@@ -116,9 +106,64 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
+@functools.cache
+def rouge_tokenizer_for(track: str = "default") -> Any:
+    """The tokenizer of a Super-NI track's official scorer, `rouge_score.rouge_scorer.RougeScorer(["rougeL"],
+    tokenizer=...)` (cached: the stemmer and GPT-2 BPE load once)."""
+    from rouge_score import tokenizers
+
+    if track == "default":
+        return tokenizers.DefaultTokenizer(use_stemmer=True)
+    if track == "xlingual":
+        return GPT2WordTokenizer()
+    raise ConfigError(f"unknown Super-NI track {track!r}; expected one of {TRACKS}")
+
+
 def rouge_l(prediction: str, reference: str, track: str = "default") -> float:
-    """ROUGE-L F-measure in [0, 1]."""
-    return rouge_scorer_for(track).score(target=reference, prediction=prediction)["rougeL"].fmeasure
+    """ROUGE-L F-measure in [0, 1]: the official scorer's value (`RougeScorer(["rougeL"], tokenizer=
+    rouge_tokenizer_for(track)).score(reference, prediction)`), computed with `lcs_length` (memory
+    linear in the lengths; rouge-score's own table is n x m: 23 GB for two 200,000-word texts)."""
+    from rouge_score import scoring
+
+    tok = rouge_tokenizer_for(track)
+    target, pred = tok.tokenize(reference), tok.tokenize(prediction)
+    if not target or not pred:
+        return 0.0
+    lcs = lcs_length(target, pred)
+    return scoring.fmeasure(lcs / len(pred), lcs / len(target))
+
+
+LCS_BLOCK_BITS = 4096
+
+
+def lcs_length(a: Sequence[Hashable], b: Sequence[Hashable], block: int = LCS_BLOCK_BITS) -> int:
+    """Length of the longest common subsequence of `a` and `b`.
+
+    The bit-parallel algorithm of Crochemore et al. (2001) / Hyyro (2004): a bit vector over `a`,
+    updated once per token of `b` with V <- (V + U) | (V - U), U = V & match(token); the LCS is the
+    number of zero bits at the end. `a` is processed in blocks of `block` bits (the carry of each
+    addition passed on to the next block), so memory is O(len(b) + block^2 / 8) bytes whatever the
+    lengths, and time O(len(a) * len(b) / block) big-int operations (seconds for 200,000 x 200,000).
+    """
+    if len(a) < len(b):
+        a, b = b, a  # fewer blocks x iterations is the same work; keep the carry list the shorter one
+    carries = [0] * len(b)
+    zeros = 0
+    for start in range(0, len(a), block):
+        chunk = a[start:start + block]
+        width = len(chunk)
+        full = (1 << width) - 1
+        masks: dict[Hashable, int] = {}
+        for i, token in enumerate(chunk):
+            masks[token] = masks.get(token, 0) | (1 << i)
+        v = full
+        for j, token in enumerate(b):
+            u = v & masks.get(token, 0)
+            total = v + u + carries[j]
+            carries[j] = total >> width
+            v = (total & full) | (v - u)
+        zeros += width - bin(v).count("1")
+    return zeros
 
 
 def max_over_references(fn: Callable[..., float], prediction: str, references: Sequence[str], **kw: Any) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm.errors import UsageError
-from jaxlm.jsonl import ResultsLog, json_line, read_jsonl
+from jaxlm.jsonl import ResultsLog, json_line
 from jaxlm.files import write_atomically
 
 DEMO_DIR = "jaxlm/configs/demo"
@@ -75,9 +75,12 @@ class DemoRun:
 
     def train_row(self, stage: str, run: Path) -> dict[str, Any]:
         """The last logged metrics of a training run (its metrics.jsonl), appended to results.jsonl."""
-        last = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r][-1]  # eval/* lines skipped
-        row = {"study": "train", "stage": stage, "step": last["step"], "loss": round(float(last["loss"]), 4),
-               "accuracy": round(float(last.get("accuracy", float("nan"))), 4), "run": str(run)}
+        logged = [r for r in ResultsLog(run / "metrics.jsonl").rows() if "loss" in r]  # torn last line and eval/* lines skipped
+        if not logged:
+            raise UsageError(f"{run / 'metrics.jsonl'}: no logged step; delete {run} and rerun the demo")
+        last = logged[-1]
+        row = {"study": "train", "stage": stage, "step": last["step"], "loss": _rounded(last.get("loss")),
+               "accuracy": _rounded(last.get("accuracy")), "run": str(run)}
         self.append([row])
         return row
 
@@ -259,7 +262,8 @@ class DemoRun:
         runs = {r["stage"]: Path(r["run"]) / "metrics.jsonl" for r in self.done("train")}
         runs = {k: v for k, v in runs.items() if v.is_file()}
         if runs:
-            curves = {stage: {m["step"]: m["loss"] for m in read_jsonl(path) if "loss" in m} for stage, path in runs.items()}
+            curves = {stage: {m["step"]: m["loss"] for m in ResultsLog(path).rows() if m.get("loss") is not None}
+                      for stage, path in runs.items()}
             fig, _ = plots.lines(curves, figsize=(7, 3.5), xlabel="step", ylabel="training loss", logy=True)
             plots.save(fig, out / "training_loss.png")
 
@@ -284,6 +288,11 @@ def _missing_task_data(folders: Sequence[str]) -> list[str]:
         explicit = None
     root = Path(explicit) if explicit else data_root()
     return [str(root / f) for f in folders if not (root / f).is_dir()]
+
+
+def _rounded(value: Any) -> float | None:
+    """A logged metric rounded to 4 places; None when it was not logged or not finite (null in JSON)."""
+    return None if value is None else round(float(value), 4)
 
 
 def _cell(text: str) -> str:

@@ -25,6 +25,8 @@ import gin
 import jax
 from gin import config_parser
 
+from jaxlm.jsonl import json_line
+
 # device_kind substring (lower case) -> peak dense bf16 FLOP/s per device.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("h200", 989e12),
@@ -112,7 +114,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_line(record))  # strict JSON: a NaN loss is null
         self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
