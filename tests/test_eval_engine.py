@@ -81,7 +81,7 @@ def test_rank_classify_scores_each_pair_once_and_matches_score(llama):
     for inp, opts, scores in zip(inputs, options, got):
         direct = _logprobs(eng.score([(inp, o) for o in opts]))
         np.testing.assert_allclose(scores, direct, atol=1e-4)
-    mean = eng.rank_classify(inputs, options, length_normalized=True)
+    mean = eng.rank_classify(inputs, options, normalization="mean")
     for opts, s, m in zip(options, got, mean):
         np.testing.assert_allclose(m, [v / len(o) for v, o in zip(s, opts)], rtol=1e-6)
     with pytest.raises(ValueError, match="no answer options"):
