@@ -1,6 +1,8 @@
 """Eval engine: batched == one-by-one, buckets do not change scores, mixed-adapter batches equal
 per-adapter runs, a bounded and honestly reported compile count, sharded == unsharded."""
 
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -125,7 +127,10 @@ def test_compile_count_is_bounded_and_reported_honestly(llama):
         eng.rank_classify([e[0] for e in examples[:3]], [[[5], [6, 7]]] * 3)
         eng.generate([e[0] for e in examples], max_new_tokens=4)
     # score: widths {16, 32, 64} x target buckets {16}; generate: prompt widths {16, 32, 64}.
-    assert eng.num_compiles <= 6
+    kinds = collections.Counter(k[0] for k in eng.compiled_shapes)
+    assert kinds["score"] + kinds["generate"] <= 6
+    # rank classification's shared prompts: prefix rows {1, 2, 4} x prefix widths {16, 32, 64}
+    assert kinds["prefix"] <= 9 and set(kinds) <= {"score", "generate", "prefix", "score_prefix"}
     traced = sum(engine_lib.TRACE_COUNTS.values()) - before
     assert traced <= eng.num_compiles  # the jitted bodies compiled no more often than reported
     n = eng.num_compiles
