@@ -328,8 +328,9 @@ class Engine:
       buckets: padded lengths (see `jaxlm.buckets.bucket_length`).
       mesh: a `jax.sharding.Mesh` with 'data' and 'fsdp' axes, or None for one device.
       compiled_shapes: signatures used so far (see `num_compiles`).
-      prefix_cache: Llama only: compute each shared token prefix once (see the module docstring);
-        False recomputes every row in full.
+      prefix_cache: Llama only (not with Mistral's sliding window, where padding would shift the
+        window): compute each shared token prefix once (see the module docstring); False recomputes
+        every row in full.
       min_prefix_length: fewest shared tokens that make a cached prefix (>= 1).
 
     Raises:
@@ -383,7 +384,9 @@ class Engine:
             yield order[start : start + self.batch_size]
 
     def _use_prefixes(self) -> bool:
-        return self.prefix_cache and self.pretrained.family == "llama"
+        """Llama without a sliding window (a window counts cache slots, so a padded prefix would shift it)."""
+        return (self.prefix_cache and self.pretrained.family == "llama"
+                and getattr(self.pretrained.config, "sliding_window", None) is None)
 
     def _prefix_chunks(self, keys: Sequence[Sequence[int]], idx: np.ndarray | None):
         """Shared-prefix groups (`shared_prefixes`, per adapter), longest prefix first, in chunks of at
