@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 tasks x 8 instances, 16 new tokens, no transformers")
     parser.add_argument("--per_task", type=int, default=20, help="instances per task (a sweep cell's)")
     parser.add_argument("--workloads", default="generate,rank,icil", help="comma-separated: generate, rank, icil")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also time `jaxlm generate` end to end (load and compile included): without the "
+                             "compilation cache, filling a fresh one, reading it back, and without the prefix cache")
     parser.add_argument("--skip_hf", action="store_true", help="jaxlm only")
     parser.add_argument("--omp_active", action="store_true", help="keep OpenMP's default busy-waiting for PyTorch")
     args = parser.parse_args()
@@ -186,6 +189,8 @@ def main() -> None:
                           "tasks": len(set(icil_names)),
                           **with_and_without_prefix(pre, args.batch,
                                                     lambda e: [r.output_ids for r in e.generate(icil_prompts, args.new_tokens)])}
+    if args.e2e:
+        result["e2e_generate"] = e2e_generate(prompts, args.batch, args.new_tokens)
     if "generate" in workloads and not args.skip_hf:
         import torch
         from transformers import AutoModelForCausalLM
@@ -211,6 +216,33 @@ def main() -> None:
                   f"{r['ratio']:.2f}x (compile excluded)")
     if "transformers" in result:
         print(f"generate  jaxlm (prefix cache) vs transformers: {result['transformers']['ratio_vs_jaxlm_prefix_cache']:.2f}x")
+
+
+def e2e_generate(prompts: list[list[int]], batch: int, new_tokens: int) -> dict:
+    """Wall seconds of `jaxlm generate` on the prompts (as input_ids lines), in a fresh process each."""
+    import subprocess
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXLM_COMPILATION_CACHE")}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / "in.jsonl"
+        inp.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
+        cache = Path(tmp) / "xla"
+        runs = {"no_compilation_cache": ["--no_compilation_cache"], "fresh_compilation_cache": ["--compilation_cache_dir", str(cache)],
+                "warm_compilation_cache": ["--compilation_cache_dir", str(cache)],
+                "warm_compilation_cache_no_prefix_cache": ["--compilation_cache_dir", str(cache)]}
+        for name, flags in runs.items():
+            cmd = [sys.executable, "-m", "jaxlm.cli", *flags, "generate", "--model", "smollm2-135m-instruct",
+                   "--input", str(inp), "--output", str(Path(tmp) / f"{name}.jsonl"), "--batch_size", str(batch),
+                   "--max_new_tokens", str(new_tokens)] + (["--no_prefix_cache"] if "no_prefix" in name else [])
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            out[name] = round(time.perf_counter() - t0, 2)
+            if proc.returncode:
+                sys.exit(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+    out["warm_over_cold"] = out["warm_compilation_cache"] / out["no_compilation_cache"]
+    return out
 
 
 def _try_icil(build, train, k, count):
