@@ -35,12 +35,7 @@ def _shared_rows(seed=0):
 
 
 def _adapters(pre, n=3):
-    spec = lora_lib.LoraSpec(("q_proj", "v_proj", "down_proj"), rank=2, alpha=4.0)
-    out = []
-    for i in range(n):
-        a = lora_lib.init_lora(spec, pre.params, jax.random.PRNGKey(20 + i))
-        out.append(a.replace(params=jax.tree_util.tree_map(lambda x, i=i: x + 0.2 * (i + 1), a.params)))
-    return lora_lib.stack(out)
+    return _adapters_for(pre, ("q_proj", "v_proj", "down_proj"), n)
 
 
 def test_shared_prefixes_groups_by_owner_and_keeps_long_prefixes():
@@ -129,3 +124,30 @@ def test_sampling_is_seeded_and_reduces_to_greedy(llama):
     assert gen(eng, Sampling(temperature=1.0, top_p=1e-6, seed=2)) == greedy  # top_p -> 0: the argmax only
     with pytest.raises(ValueError, match="top_p"):
         Sampling(temperature=1.0, top_p=0.0)
+
+
+def test_t5_options_share_one_encoder_pass(tmp_path):
+    from tests.hf_tiny import tiny_t5_dir
+
+    tiny_t5_dir(tmp_path, "v1_1", seed=3)
+    t5 = jaxlm.load_pretrained(tmp_path)
+    rng = np.random.default_rng(6)
+    inputs = [rng.integers(3, 100, n).tolist() for n in (9, 14, 5)]
+    options = [[rng.integers(3, 100, int(k)).tolist() for k in rng.integers(1, 5, 3)] for _ in inputs]
+    stacked = _adapters_for(t5, ("q", "v", "o"))
+    kw = {"lora": stacked, "adapter_index": [0, 2, 1]}
+    shape = {"batch_size": 4, "buckets": (16,)}
+    cached, plain = Engine(t5, **shape), Engine(t5, prefix_cache=False, **shape)
+    got, want = cached.rank_classify(inputs, options, **kw), plain.rank_classify(inputs, options, **kw)
+    np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=1e-5)
+    kinds = sorted(k[0] for k in cached.compiled_shapes)
+    assert kinds.count("encode") == 1 and "score" not in kinds  # 3 sources, one encoder call
+
+
+def _adapters_for(pre, targets, n=3):
+    spec = lora_lib.LoraSpec(targets, rank=2, alpha=4.0)
+    out = []
+    for i in range(n):
+        a = lora_lib.init_lora(spec, pre.params, jax.random.PRNGKey(30 + i))
+        out.append(a.replace(params=jax.tree_util.tree_map(lambda x, i=i: x + 0.2 * (i + 1), a.params)))
+    return lora_lib.stack(out)

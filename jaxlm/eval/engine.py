@@ -21,7 +21,8 @@ of at least `min_prefix_length` tokens, per adapter); each distinct prefix runs 
 (`jaxlm.models.prefix.prefix_cache`) and its rows continue from its keys/values, for scoring and for
 decoding alike. Exact: the same log-probs and greedy ids as recomputing (tests/test_prefix_engine.py).
 Rows that share nothing take the plain path. The prefix never covers a row's last input token, so
-every scored or generated position lies in the continuation.
+every scored or generated position lies in the continuation. T5 scoring: rows with the same encoder
+input (a prompt and its options) share one encoder pass (T5 decoding still encodes per row).
 
 Stop strings: a text stop such as a blank line ("\\n\\n") has several tokenizations (SmolLM2: one
 token `"\\n\\n"` alone, two `"\\n"` tokens after a word). `stop_token_sequences` lists the common
@@ -146,6 +147,30 @@ def _generator(model: Any, max_new_tokens: int, eos_ids: tuple[int, ...], stops:
         )
 
     return generate
+
+
+@functools.cache
+def _t5_encoder(model: Any):
+    @jax.jit
+    def encode(params, ids, mask, lora, adapter_idx):
+        TRACE_COUNTS["encode"] += 1
+        return model.apply({"params": params}, ids, mask, lora=_per_row_lora(lora, adapter_idx), method="encode")
+
+    return encode
+
+
+@functools.cache
+def _t5_shared_source_scorer(model: Any):
+    @jax.jit
+    def score(params, hidden, enc_mask, slot, dec_in, dec_mask, targets, lora, adapter_idx):
+        TRACE_COUNTS["score_encoded"] += 1
+        logits = model.apply(
+            {"params": params}, dec_in, jnp.take(hidden, slot, axis=0), jnp.take(enc_mask, slot, axis=0),
+            lora=_per_row_lora(lora, adapter_idx), decoder_attention_mask=dec_mask, method="decode",
+        )
+        return jnp.where(dec_mask, token_logprobs(logits, targets), 0.0)
+
+    return score
 
 
 @functools.cache
@@ -328,9 +353,9 @@ class Engine:
       buckets: padded lengths (see `jaxlm.buckets.bucket_length`).
       mesh: a `jax.sharding.Mesh` with 'data' and 'fsdp' axes, or None for one device.
       compiled_shapes: signatures used so far (see `num_compiles`).
-      prefix_cache: Llama only (not with Mistral's sliding window, where padding would shift the
-        window): compute each shared token prefix once (see the module docstring); False recomputes
-        every row in full.
+      prefix_cache: Llama (not with Mistral's sliding window, where padding would shift the window):
+        compute each shared token prefix once; T5 scoring: encode each shared source once (see the
+        module docstring). False recomputes every row in full.
       min_prefix_length: fewest shared tokens that make a cached prefix (>= 1).
 
     Raises:
@@ -577,11 +602,15 @@ class Engine:
                 results[i] = ScoreResult(float(np.sum(tok_lp)), len(seqs[i][1]), tok_lp)
 
     def _score_encoder_decoder(self, examples, lora, idx) -> list[ScoreResult]:
-        start = self.pretrained.config.decoder_start_token_id
+        results: list[ScoreResult | None] = [None] * len(examples)
+        shared: set[int] = set()
+        if self.prefix_cache:
+            shared = self._score_shared_sources(examples, lora, idx, results)
         fn = _encoder_decoder_scorer(self.model)
         lora_key = _lora_signature(lora, idx is not None)
-        results: list[ScoreResult | None] = [None] * len(examples)
-        for batch in self._batches([max(len(a), len(b)) for a, b in examples]):
+        rest = [i for i in range(len(examples)) if i not in shared]
+        start = self.pretrained.config.decoder_start_token_id
+        for batch in self._batches([max(len(a), len(b)) for a, b in examples], rest):
             enc_rows = self._fill([list(examples[i][0]) or [self.pad_id] for i in batch])
             tgt_rows = self._fill([list(examples[i][1]) for i in batch])
             enc_w = bucket_length(max(map(len, enc_rows)), self.buckets)
@@ -598,6 +627,45 @@ class Engine:
                 tok_lp = lp[r, :n_t].tolist()
                 results[i] = ScoreResult(float(np.sum(tok_lp)), n_t, tok_lp)
         return results  # type: ignore[return-value]
+
+    def _score_shared_sources(self, examples, lora, idx, results) -> set[int]:
+        """T5: rows with the same encoder input (and adapter) share one encoder pass; their targets are
+        decoded against it. Scores go into `results`; returns the rows done."""
+        by_source: dict[tuple, list[int]] = {}
+        for i, (inp, _) in enumerate(examples):
+            by_source.setdefault((None if idx is None else int(idx[i]), tuple(inp) or (self.pad_id,)), []).append(i)
+        groups = [(key, rows) for key, rows in by_source.items() if len(rows) > 1]
+        groups.sort(key=lambda g: -len(g[0][1]))
+        start = self.pretrained.config.decoder_start_token_id
+        lora_key = _lora_signature(lora, idx is not None)
+        encode, score = _t5_encoder(self.model), _t5_shared_source_scorer(self.model)
+        done: set[int] = set()
+        for c in range(0, len(groups), self.batch_size):
+            chunk = groups[c : c + self.batch_size]
+            gb = self._prefix_batch(len(chunk))
+            sources = self._fill_to([list(key[1]) for key, _ in chunk], gb)
+            enc_ids, enc_mask = pad_rows(sources, bucket_length(max(map(len, sources)), self.buckets), self.pad_id)
+            enc_adapters = None if idx is None else np.asarray(self._fill_to([key[0] for key, _ in chunk], gb), np.int32)
+            placed = self._place(enc_ids, enc_mask, *(() if enc_adapters is None else (enc_adapters,)))
+            hidden = self._call(("encode", enc_ids.shape, lora_key), encode, self.params, placed[0], placed[1], lora,
+                                placed[2] if enc_adapters is not None else None)
+            slot_of = {i: g for g, (_, rows) in enumerate(chunk) for i in rows}
+            for batch in self._batches([len(examples[i][1]) for i in range(len(examples))], list(slot_of)):
+                tgt_rows = self._fill([list(examples[i][1]) for i in batch])
+                targets, dec_mask = pad_rows(tgt_rows, bucket_length(max(map(len, tgt_rows)), self.buckets), self.pad_id)
+                dec_in = np.concatenate([np.full((len(tgt_rows), 1), start, np.int32), targets[:, :-1]], axis=1)
+                slot = np.asarray(self._fill([slot_of[i] for i in batch]), np.int32)
+                adapters = self._batch_adapters(idx, batch)
+                rows = self._place(slot, dec_in, dec_mask, targets, *(() if adapters is None else (adapters,)))
+                key = ("score_encoded", enc_ids.shape, dec_in.shape, lora_key)
+                lp = np.asarray(self._call(key, score, self.params, hidden, placed[1], *rows[:4], lora,
+                                           rows[4] if adapters is not None else None))
+                for r, i in enumerate(batch):
+                    n_t = len(examples[i][1])
+                    tok_lp = lp[r, :n_t].tolist()
+                    results[i] = ScoreResult(float(np.sum(tok_lp)), n_t, tok_lp)
+                    done.add(i)
+        return done
 
     def rank_classify(
         self,
