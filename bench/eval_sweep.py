@@ -19,7 +19,7 @@ run twice: compile = first - second). Prints examples/s of both, the ratio, and 
 (fraction of prompts whose generated ids are identical, and of aligned token positions that agree).
 
     nice python bench/eval_sweep.py                  # 200 prompts, batch 8, 32 new tokens, all workloads
-    nice python bench/eval_sweep.py --quick          # 3 tasks x 8 instances, 16 new tokens, no transformers
+    nice python bench/eval_sweep.py --quick          # 2 tasks x 8 instances, 16 new tokens, no transformers
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--max_prompt_tokens", type=int, default=384)
     parser.add_argument("--data_dir", default=str(DATA))
-    parser.add_argument("--quick", action="store_true", help="3 tasks x 8 instances, 16 new tokens, no transformers")
+    parser.add_argument("--quick", action="store_true", help="2 tasks x 8 instances, 16 new tokens, no transformers")
     parser.add_argument("--per_task", type=int, default=20, help="instances per task (a sweep cell's)")
     parser.add_argument("--workloads", default="generate,rank,icil", help="comma-separated: generate, rank, icil")
     parser.add_argument("--e2e", action="store_true",
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--omp_active", action="store_true", help="keep OpenMP's default busy-waiting for PyTorch")
     args = parser.parse_args()
     if args.quick:
-        args.n, args.per_task, args.new_tokens, args.skip_hf = 24, 8, 16, True
+        args.n, args.per_task, args.new_tokens, args.skip_hf = 16, 8, 16, True
     workloads = [w for w in args.workloads.split(",") if w]
     unknown = set(workloads) - {"generate", "rank", "icil"}
     if unknown:
@@ -170,12 +170,15 @@ def main() -> None:
                     "prompt_tokens": {"min": min(lengths), "mean": float(np.mean(lengths)), "max": max(lengths)},
                     "batch": args.batch, "max_new_tokens": args.new_tokens}
 
+    print(json.dumps(result), flush=True)
     if "generate" in workloads:
         result["generate"] = with_and_without_prefix(
             pre, args.batch, lambda e: [r.output_ids for r in e.generate(prompts, args.new_tokens)])
+        print(json.dumps({"generate": result["generate"]}), flush=True)
     if "rank" in workloads:
         option_ids = [[tok.encode(o, add_special_tokens=False) for o in opts] for opts in options]
         result["rank"] = with_and_without_prefix(pre, args.batch, lambda e: e.rank_classify(prompts, option_ids))
+        print(json.dumps({"rank": result["rank"]}), flush=True)
     if "icil" in workloads:
         from jaxlm.data.icil import build_icil_demos
         from jaxlm.data.sources import load_tasks
@@ -189,6 +192,7 @@ def main() -> None:
                           "tasks": len(set(icil_names)),
                           **with_and_without_prefix(pre, args.batch,
                                                     lambda e: [r.output_ids for r in e.generate(icil_prompts, args.new_tokens)])}
+        print(json.dumps({"icil": result["icil"]}), flush=True)
     if args.e2e:
         result["e2e_generate"] = e2e_generate(prompts, args.batch, args.new_tokens)
     if "generate" in workloads and not args.skip_hf:
