@@ -1,6 +1,8 @@
 """Eval engine: batched == one-by-one, buckets do not change scores, mixed-adapter batches equal
 per-adapter runs, a bounded and honestly reported compile count, sharded == unsharded."""
 
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -81,7 +83,7 @@ def test_rank_classify_scores_each_pair_once_and_matches_score(llama):
     for inp, opts, scores in zip(inputs, options, got):
         direct = _logprobs(eng.score([(inp, o) for o in opts]))
         np.testing.assert_allclose(scores, direct, atol=1e-4)
-    mean = eng.rank_classify(inputs, options, length_normalized=True)
+    mean = eng.rank_classify(inputs, options, normalization="mean")
     for opts, s, m in zip(options, got, mean):
         np.testing.assert_allclose(m, [v / len(o) for v, o in zip(s, opts)], rtol=1e-6)
     with pytest.raises(ValueError, match="no answer options"):
@@ -125,7 +127,10 @@ def test_compile_count_is_bounded_and_reported_honestly(llama):
         eng.rank_classify([e[0] for e in examples[:3]], [[[5], [6, 7]]] * 3)
         eng.generate([e[0] for e in examples], max_new_tokens=4)
     # score: widths {16, 32, 64} x target buckets {16}; generate: prompt widths {16, 32, 64}.
-    assert eng.num_compiles <= 6
+    kinds = collections.Counter(k[0] for k in eng.compiled_shapes)
+    assert kinds["score"] + kinds["generate"] <= 6
+    # rank classification's shared prompts: prefix rows {1, 2, 4} x prefix widths {16, 32, 64}
+    assert kinds["prefix"] <= 9 and set(kinds) <= {"score", "generate", "prefix", "score_prefix"}
     traced = sum(engine_lib.TRACE_COUNTS.values()) - before
     assert traced <= eng.num_compiles  # the jitted bodies compiled no more often than reported
     n = eng.num_compiles

@@ -103,6 +103,46 @@ def test_sweep_writes_predictions_summary_plots_and_config(full_run):
     assert "eval_sweep.batch_size = 4" in config and "CrossTask.sources" in config
 
 
+def test_results_json_is_shaped_like_lm_evaluation_harness_output(full_run):
+    from jaxlm.eval import harness
+
+    workdir, _ = full_run
+    doc = json.loads((workdir / "results.json").read_text())
+    rows = _results(workdir)
+    assert set(doc) >= {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config",
+                        "git_hash", "date", "package_versions"}
+    assert len(doc["results"]) == len(rows) == 12
+    assert doc["package_versions"]["jax"] and doc["config"]["bootstrap_iters"] == harness.BOOTSTRAP_ITERS
+    for r in rows:
+        key = f"{r['model']}/{r['method']}/{r['task']}"
+        got, preds = doc["results"][key], [json.loads(x) for x in
+                                           (workdir / "predictions" / f"{r['cell']}.jsonl").read_text().splitlines()]
+        assert doc["n-samples"][key] == {"original": 3, "effective": 3}
+        if r["source"] == "bbh":
+            assert got["acc,none"] == pytest.approx(r["metrics"]["accuracy"])
+            if r["method"] != "crosstask":  # a vote over sources keeps no option scores
+                assert {"acc_norm,none", "acc_norm_stderr,none", "acc_mean,none"} <= set(got)
+                assert all(len(p["option_logprobs_per_byte"]) == len(p["options"]) for p in preds)
+        else:
+            assert got["rougeL,none"] == pytest.approx(r["metrics"]["rougeL"], abs=1e-6)
+            per = harness.instance_scores(preds)["rougeL"]
+            assert got["rougeL_stderr,none"] == pytest.approx(harness.bootstrap_stderr(per))
+
+
+def test_bootstrap_stderr_and_per_byte_accuracy():
+    from jaxlm.eval import harness
+
+    values = [0.0, 100.0] * 50
+    # the bootstrap estimate of the mean's standard error is close to std / sqrt(n) = 50 / 10
+    assert harness.bootstrap_stderr(values) == pytest.approx(5.0, rel=0.1)
+    assert harness.bootstrap_stderr(values) == harness.bootstrap_stderr(values)  # seeded
+    assert harness.bootstrap_stderr([3.0]) == 0.0
+    rec = {"options": ["a", "bbbb"], "prediction": "a", "references": ["bbbb"], "option_logprobs": [-1.0, -2.0],
+           "option_logprobs_mean": [-1.0, -1.0], "option_logprobs_per_byte": [-1.0, -0.5]}
+    got = harness.instance_scores([rec])
+    assert got == {"acc": [0.0], "acc_mean": [0.0], "acc_norm": [100.0]}  # a tie goes to the first option
+
+
 def test_report_expands_sources_into_vote_mean_and_best():
     rows = [{"model": "m", "method": "x", "group": "g", "task": "t1", "seed": 0,
              "metrics": {"score": 50.0}, "by_source": {"a": {"score": 20.0}, "b": {"score": 60.0}}},
@@ -129,5 +169,7 @@ def test_jaxlm_eval_command(shared_data, tmp_path, capsys):
     assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["ran"] == 0
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3 and "| tiny | def |" in (tmp_path / "summary.md").read_text()
+    assert main(args + ["--no_prefix_cache"]) == 0  # exact either way: the cells stay done
+    assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["ran"] == 0
     assert main(["eval", "--gin_file", "nope.gin", "--workdir", str(tmp_path)]) == 2
     assert "--gin_file nope.gin: no such file" in capsys.readouterr().err

@@ -28,7 +28,9 @@ Evaluation sweep from gin files: a grid of models x methods x tasks (x seeds).
   jaxlm eval --gin_file=jaxlm/configs/eval/smollm2_superni.gin --workdir runs/eval_superni
   jaxlm eval --gin_file=jaxlm/configs/tests/tiny_eval.gin --gin.TaskSet.max_instances=4 --workdir /tmp/e
 Writes DIR/results.jsonl (one line per finished cell, appended at once), DIR/predictions/<cell>.jsonl,
-DIR/summary.md, DIR/summary.csv, DIR/plots/*.png and DIR/config.gin. Rerunning with the same
+DIR/summary.md, DIR/summary.csv, DIR/plots/*.png, DIR/config.gin and DIR/results.json (shaped like
+lm-evaluation-harness output, bootstrap standard errors). Shared prompt prefixes are computed once
+(--no_prefix_cache: every row in full). Rerunning with the same
 --workdir skips finished cells. Prints the sweep summary (cells run/skipped, compile count) as JSON.
 """
 
@@ -85,7 +87,8 @@ def cmd_eval(args: Any) -> int:
     if not args.gin_file:
         raise UsageError("jaxlm eval needs at least one --gin_file")
     mesh = [f"eval_sweep.mesh_shape = {args.mesh!r}"] if args.mesh else []  # as `plan --mesh`; --gin bindings win
-    parse_config(args.gin_file, mesh + gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
+    no_cache = ["eval_sweep.prefix_cache = False"] if args.no_prefix_cache else []
+    parse_config(args.gin_file, mesh + no_cache + list(gin_bindings(args)), gin_search_paths(args))  # ConfigError before any compute
     writable_dir(args.workdir, "--workdir")  # created only once the config parses, checked before any compute
     with RunLock(args.workdir):
         summary = sweep.run_from_gin(args.workdir)
@@ -107,4 +110,6 @@ def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
     p.add_argument("--mesh", default=None,
                    help="engine device mesh, e.g. data=-1 (the same as --gin.eval_sweep.mesh_shape=\"'...'\"; "
                         "default: one device)")
+    p.add_argument("--no_prefix_cache", action="store_true",
+                   help="recompute every row in full (default: shared token prefixes are computed once)")
     return {"metrics": cmd_metrics, "eval": cmd_eval}

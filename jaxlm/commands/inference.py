@@ -26,7 +26,8 @@ text targets get no special tokens; an empty input is replaced by BOS. Encoder-d
 feed the inputs to the encoder and the targets to the decoder after the model's decoder start
 token; text is tokenized with the tokenizer's special tokens, so T5 targets end with </s>.
 Output lines are written in input order as batches finish; --resume keeps the complete lines of an
-existing output file and continues after them.
+existing output file and continues after them. Rows that share a long token prefix (a task's
+instruction and examples) compute it once (Llama; exact); --no_prefix_cache recomputes every row.
 """
 
 GENERATE_HELP = """\
@@ -36,7 +37,10 @@ and "output_ids" (generated ids, EOS excluded). --chat wraps text inputs as one 
 model's chat template. Generation stops at the EOS ids of the model's generation_config.json when it
 names any (as transformers does), else at the tokenizer's; a generation_config.json field that
 changes greedy output (repetition_penalty, num_beams, ...) is refused by name, and sampling fields
-(do_sample, temperature, top_p, ...) do not apply: decoding is always greedy.
+(do_sample, temperature, top_p, ...) do not apply: decoding is greedy unless --temperature > 0
+samples (with --top_k, --top_p and --seed; a line's sample depends only on the seed and its line
+number). Prompts that share a long token prefix compute it once (Llama; the same ids);
+--no_prefix_cache recomputes every prompt.
 """
 
 
@@ -51,6 +55,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", default=None, choices=["left", "right"],
                    help="cut an input that does not fit the model's max_position_embeddings (with the target, or "
                         "--max_new_tokens) from this side; by default such an input is an error")
+    p.add_argument("--no_prefix_cache", action="store_true",
+                   help="recompute every row in full (default: a shared token prefix is computed once)")
 
 
 def _load(args) -> tuple[Any, Any]:
@@ -132,7 +138,7 @@ def _run(args, make_records) -> int:
 
     if pretrained.family not in ("llama", "t5"):
         raise UsageError(f"{args.model}: a {pretrained.family} model is an encoder; {args.command} needs a llama or t5 model")
-    engine = Engine(pretrained, batch_size=args.batch_size)
+    engine = Engine(pretrained, batch_size=args.batch_size, prefix_cache=not args.no_prefix_cache)
     prepared = make_records(engine, rows)  # validates every line before any compute
     todo = list(range(done, len(rows)))
     start, tokens = time.perf_counter(), 0
@@ -188,6 +194,12 @@ def cmd_score(args) -> int:
 def cmd_generate(args) -> int:
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    from jaxlm.models.decoding import Sampling
+
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise UsageError(f"--temperature/--top_k/--top_p: {e}") from None
 
     def make(engine, rows):
         tok = engine.pretrained.tokenizer
@@ -217,7 +229,8 @@ def cmd_generate(args) -> int:
         stops = [seq for s in args.stop for seq in stop_token_sequences(tok, s)] if tok else []
 
         def run(idx, lora):
-            results = engine.generate([prompts[i] for i in idx], args.max_new_tokens, stops, lora=lora)
+            results = engine.generate([prompts[i] for i in idx], args.max_new_tokens, stops, lora=lora,
+                                      sampling=sampling, row_ids=idx)
             records = []
             for i, res in zip(idx, results):
                 text = cut_at_stop(tok.decode(res.output_ids), args.stop) if tok else None
@@ -234,10 +247,14 @@ def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
     score = subparsers.add_parser("score", help="log-probabilities of targets", description=SCORE_HELP,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(score)
-    gen = subparsers.add_parser("generate", help="greedy generation", description=GENERATE_HELP,
+    gen = subparsers.add_parser("generate", help="greedy or sampled generation", description=GENERATE_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(gen)
     gen.add_argument("--max_new_tokens", type=int, default=64, help="generated tokens per example at most")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. $'\\n\\n'")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template to text inputs")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    gen.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    gen.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     return {"score": cmd_score, "generate": cmd_generate}

@@ -14,6 +14,16 @@ leading axis of N adapters plus `adapter_index` (one int per example). The per-r
 generate adapters (a hypernetwork) therefore run it once per task, stack the N adapters
 (`lora.stack`) and pass every task's examples in one call.
 
+Shared prefixes (Llama, on by default, `prefix_cache=False` turns it off): rows that start with the
+same tokens (a task's definition and examples, ICIL's fixed demonstrations, rank classification's
+prompt repeated for every option) are grouped (`shared_prefixes`: sorted rows, longest common prefix
+of at least `min_prefix_length` tokens, per adapter); each distinct prefix runs once
+(`jaxlm.models.prefix.prefix_cache`) and its rows continue from its keys/values, for scoring and for
+decoding alike. Exact: the same log-probs and greedy ids as recomputing (tests/test_prefix_engine.py).
+Rows that share nothing take the plain path. The prefix never covers a row's last input token, so
+every scored or generated position lies in the continuation. T5 scoring: rows with the same encoder
+input (a prompt and its options) share one encoder pass (T5 decoding still encodes per row).
+
 Stop strings: a text stop such as a blank line ("\\n\\n") has several tokenizations (SmolLM2: one
 token `"\\n\\n"` alone, two `"\\n"` tokens after a word). `stop_token_sequences` lists the common
 ones so decoding usually ends early; the returned text is always cut at the stop string
@@ -32,11 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length, pad_rows
+from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length, pad_rows, powers_of_two
 from jaxlm.checkpoints.pretrained import Pretrained
 from jaxlm.models import decoding
 from jaxlm.models import lora as lora_lib
+from jaxlm.models import prefix as prefix_lib
 from jaxlm.models.lora import LoraWeights
+
+# How rank classification normalises an option's summed log-prob: none, per token, per UTF-8 byte.
+RANK_NORMALIZATIONS = ("sum", "mean", "byte")
 
 # Times each jitted function body was traced (= compiled), by kind: lets tests check that
 # `Engine.num_compiles` is honest. Tracing is host-side Python, so the counter costs nothing at run time.
@@ -121,16 +135,151 @@ def _encoder_decoder_scorer(model: Any):
 
 
 @functools.cache
-def _generator(model: Any, max_new_tokens: int, eos_ids: tuple[int, ...], stops: tuple[tuple[int, ...], ...], pad_id: int):
+def _generator(model: Any, max_new_tokens: int, eos_ids: tuple[int, ...], stops: tuple[tuple[int, ...], ...], pad_id: int,
+               sampling: decoding.Sampling = decoding.GREEDY):
     @jax.jit
-    def generate(params, ids, mask, lora, adapter_idx):
+    def generate(params, ids, mask, lora, adapter_idx, row_ids):
         TRACE_COUNTS["generate"] += 1
         return decoding.greedy_generate(
             model, params, ids, mask, _per_row_lora(lora, adapter_idx),
             max_new_tokens=max_new_tokens, eos_ids=eos_ids, stop_sequences=stops, pad_id=pad_id,
+            sampling=sampling, row_ids=row_ids,
         )
 
     return generate
+
+
+@functools.cache
+def _t5_encoder(model: Any):
+    @jax.jit
+    def encode(params, ids, mask, lora, adapter_idx):
+        TRACE_COUNTS["encode"] += 1
+        return model.apply({"params": params}, ids, mask, lora=_per_row_lora(lora, adapter_idx), method="encode")
+
+    return encode
+
+
+@functools.cache
+def _t5_shared_source_scorer(model: Any):
+    @jax.jit
+    def score(params, hidden, enc_mask, slot, dec_in, dec_mask, targets, lora, adapter_idx):
+        TRACE_COUNTS["score_encoded"] += 1
+        logits = model.apply(
+            {"params": params}, dec_in, jnp.take(hidden, slot, axis=0), jnp.take(enc_mask, slot, axis=0),
+            lora=_per_row_lora(lora, adapter_idx), decoder_attention_mask=dec_mask, method="decode",
+        )
+        return jnp.where(dec_mask, token_logprobs(logits, targets), 0.0)
+
+    return score
+
+
+@functools.cache
+def _prefixer(model: Any):
+    @jax.jit
+    def run(params, ids, mask, lora, adapter_idx):
+        TRACE_COUNTS["prefix"] += 1
+        return prefix_lib.prefix_cache(model, params, ids, mask, extra_slots=0, lora=_per_row_lora(lora, adapter_idx))
+
+    return run
+
+
+def _rows_of(cache, prefix_len, slot_B):
+    """Each row's prefix cache (T slots) and real prefix length, gathered from the G prefixes."""
+    return prefix_lib.take_rows(cache, slot_B), jnp.take(prefix_len, slot_B)
+
+
+@functools.cache
+def _prefix_scorer(model: Any):
+    @jax.jit
+    def score(params, cache, prefix_len, slot, ids, mask, predict_at, valid, lora, adapter_idx):
+        TRACE_COUNTS["score_prefix"] += 1
+        rows, length = _rows_of(cache, prefix_len, slot)
+        slots = cache["kv_mask"].shape[1]
+        logits = prefix_lib.continue_from_prefix(
+            model, params, prefix_lib.with_free_slots(rows, ids.shape[1]), length, ids, mask,
+            lora=_per_row_lora(lora, adapter_idx), gather_index=predict_at, prefix_slots=slots,
+        )
+        targets = jnp.take_along_axis(ids, predict_at + 1, axis=1)
+        return jnp.where(valid, token_logprobs(logits, targets), 0.0)
+
+    return score
+
+
+@functools.cache
+def _prefix_generator(model: Any, max_new_tokens: int, eos_ids: tuple[int, ...], stops: tuple[tuple[int, ...], ...],
+                      pad_id: int, sampling: decoding.Sampling):
+    @jax.jit
+    def generate(params, cache, prefix_len, slot, ids, mask, lora, adapter_idx, row_ids):
+        TRACE_COUNTS["generate_prefix"] += 1
+        rows, length = _rows_of(cache, prefix_len, slot)
+        return decoding.greedy_generate(
+            model, params, ids, mask, _per_row_lora(lora, adapter_idx), max_new_tokens=max_new_tokens,
+            eos_ids=eos_ids, stop_sequences=stops, pad_id=pad_id, prefix=rows, prefix_length=length,
+            sampling=sampling, row_ids=row_ids,
+        )
+
+    return generate
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for k in range(n):
+        if a[k] != b[k]:
+            return k
+    return n
+
+
+def shared_prefixes(keys: Sequence[Sequence[int]], min_length: int,
+                    owners: Sequence[Any] | None = None) -> list[tuple[int, list[int]]]:
+    """Groups of rows that share a token prefix worth computing once.
+
+    Rows are sorted (by owner, then tokens); adjacent rows' common prefixes give the candidates. A
+    contiguous run of sorted rows shares the minimum of its adjacent common prefixes; runs are split
+    at their weakest links while that saves more tokens ((rows - 1) x prefix length, summed), and a
+    group needs at least two rows and `min_length` shared tokens.
+
+    Args:
+      keys: per row, the tokens a prefix may cover (e.g. a prompt without its last token).
+      min_length: fewest shared tokens worth a cached prefix (>= 1).
+      owners: per row, a hashable that must be equal within a group (the adapter index), or None.
+
+    Returns:
+      (prefix length, row indices in sorted order) per group; rows in no group are left out.
+    """
+    n = len(keys)
+    if n < 2:
+        return []
+    owners = [0] * n if owners is None else list(owners)
+    order = sorted(range(n), key=lambda i: (owners[i], tuple(keys[i])))
+    adjacent = [_common_prefix(keys[order[k]], keys[order[k + 1]]) if owners[order[k]] == owners[order[k + 1]] else 0
+                for k in range(n - 1)]
+    groups: list[tuple[int, list[int]]] = []
+
+    def best(lo: int, hi: int, depth: int) -> tuple[int, list[tuple[int, int, int]]]:
+        """(tokens saved, [(prefix length, lo, hi)]) for sorted rows lo..hi inclusive."""
+        if lo >= hi:
+            return 0, []
+        links = adjacent[lo:hi]
+        m = min(links)
+        whole = (hi - lo) * m if m >= min_length else -1
+        if depth > 200 and whole >= 0:  # pathological nesting: stop refining
+            return whole, [(m, lo, hi)]
+        saved, parts, start = 0, [], lo
+        for k in range(lo, hi + 1):
+            if k == hi or adjacent[k] == m:
+                v, p = best(start, k, depth + 1)
+                saved, parts, start = saved + v, parts + p, k + 1
+        if whole >= saved and whole > 0:
+            return whole, [(m, lo, hi)]
+        return saved, parts
+
+    start = 0
+    for k in range(n):  # independent segments: cut where neighbours share too little
+        if k == n - 1 or adjacent[k] < min_length:
+            for length, lo, hi in best(start, k, 0)[1]:
+                groups.append((length, [order[i] for i in range(lo, hi + 1)]))
+            start = k + 1
+    return groups
 
 
 def _lora_signature(lora: LoraWeights | None, batched: bool) -> Any:
@@ -204,10 +353,14 @@ class Engine:
       buckets: padded lengths (see `jaxlm.buckets.bucket_length`).
       mesh: a `jax.sharding.Mesh` with 'data' and 'fsdp' axes, or None for one device.
       compiled_shapes: signatures used so far (see `num_compiles`).
+      prefix_cache: Llama (not with Mistral's sliding window, where padding would shift the window):
+        compute each shared token prefix once; T5 scoring: encode each shared source once (see the
+        module docstring). False recomputes every row in full.
+      min_prefix_length: fewest shared tokens that make a cached prefix (>= 1).
 
     Raises:
-      ValueError: at construction, when the family is not llama or t5, `batch_size` <= 0, or
-        `batch_size` is not a multiple of the mesh's data * fsdp size.
+      ValueError: at construction, when the family is not llama or t5, `batch_size` <= 0,
+        `min_prefix_length` < 1, or `batch_size` is not a multiple of the mesh's data * fsdp size.
     """
 
     pretrained: Pretrained
@@ -215,12 +368,16 @@ class Engine:
     buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS
     mesh: Any = None
     compiled_shapes: set = dataclasses.field(default_factory=set)
+    prefix_cache: bool = True
+    min_prefix_length: int = 16
 
     def __post_init__(self) -> None:
         if self.pretrained.family not in ("llama", "t5"):
             raise ValueError(f"{self.pretrained.source}: a {self.pretrained.family} model cannot score or generate text")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.min_prefix_length < 1:
+            raise ValueError(f"min_prefix_length must be >= 1, got {self.min_prefix_length}")
         self.model = self.pretrained.model
         tok = self.pretrained.tokenizer
         self.pad_id = next(
@@ -243,11 +400,47 @@ class Engine:
 
     # -------------------------------------------------------------------- batching
 
-    def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
-        """Indices grouped into batches of similar length (longest first: OOM shows up at once)."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    def _batches(self, lengths: Sequence[int], indices: Sequence[int] | None = None) -> Iterator[list[int]]:
+        """Indices (all, or `indices`) grouped into batches of similar length (longest first: OOM
+        shows up at once)."""
+        indices = range(len(lengths)) if indices is None else indices
+        order = sorted(indices, key=lambda i: -lengths[i])
         for start in range(0, len(order), self.batch_size):
             yield order[start : start + self.batch_size]
+
+    def _use_prefixes(self) -> bool:
+        """Llama without a sliding window (a window counts cache slots, so a padded prefix would shift it)."""
+        return (self.prefix_cache and self.pretrained.family == "llama"
+                and getattr(self.pretrained.config, "sliding_window", None) is None)
+
+    def _prefix_chunks(self, keys: Sequence[Sequence[int]], idx: np.ndarray | None):
+        """Shared-prefix groups (`shared_prefixes`, per adapter), longest prefix first, in chunks of at
+        most `batch_size` prefixes: a list of chunks, each a list of (prefix length, member rows)."""
+        owners = None if idx is None else idx.tolist()
+        groups = shared_prefixes(keys, self.min_prefix_length, owners)
+        groups.sort(key=lambda g: -g[0])
+        return [groups[i : i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
+
+    def _prefix_batch(self, num_prefixes: int) -> int:
+        """Padded number of prefixes per chunk: a power of two up to batch_size (all of it under a mesh)."""
+        if self.mesh is not None:
+            return self.batch_size
+        return bucket_length(num_prefixes, powers_of_two(self.batch_size))
+
+    def _run_prefixes(self, chunk, first_tokens, lora, idx, lora_key):
+        """Runs a chunk's prefixes once: (device cache (Gb, ... T slots), lengths (Gb,), T, Gb)."""
+        gb = self._prefix_batch(len(chunk))
+        rows = self._fill_to([list(first_tokens(members[0])[:length]) for length, members in chunk], gb)
+        width = bucket_length(max(length for length, _ in chunk), self.buckets)
+        ids, mask = pad_rows(rows, width, self.pad_id, left=False)
+        adapters = None if idx is None else np.asarray(self._fill_to([int(idx[m[0]]) for _, m in chunk], gb), np.int32)
+        placed = self._place(ids, mask, *(() if adapters is None else (adapters,)))
+        cache, lengths = self._call(("prefix", ids.shape, lora_key), _prefixer(self.model), self.params,
+                                    placed[0], placed[1], lora, placed[2] if adapters is not None else None)
+        return cache, lengths, width, gb
+
+    def _fill_to(self, rows: list[Any], n: int) -> list[Any]:
+        return rows + [rows[0]] * (n - len(rows))
 
     def _fill(self, rows: list[Any]) -> list[Any]:
         """Pad the batch dimension with copies of the first row: one compiled batch shape."""
@@ -332,6 +525,16 @@ class Engine:
         return None if idx is None else np.asarray(self._fill([int(idx[i]) for i in batch]), np.int32)
 
     def _score_decoder_only(self, examples, lora, idx) -> list[ScoreResult]:
+        seqs = self._decoder_rows(examples)
+        results: list[ScoreResult | None] = [None] * len(seqs)
+        grouped: set[int] = set()
+        if self._use_prefixes():
+            grouped = self._score_with_prefixes(seqs, lora, idx, results)
+        rest = [i for i in range(len(seqs)) if i not in grouped]
+        self._score_plain(seqs, rest, lora, idx, results)
+        return results  # type: ignore[return-value]
+
+    def _decoder_rows(self, examples) -> list[tuple[list[int], list[int]]]:
         bos = self.pretrained.tokenizer.bos_id if self.pretrained.tokenizer else self.pretrained.config.bos_token_id
         seqs = []
         for i, (inp, tgt) in enumerate(examples):
@@ -341,20 +544,55 @@ class Engine:
                     raise ValueError(f"example {i}: empty input and the model has no BOS token to condition on")
                 inp = [bos]
             seqs.append((inp, list(tgt)))
+        return seqs
+
+    def _score_with_prefixes(self, seqs, lora, idx, results) -> set[int]:
+        """Scores the rows that share a prefix (into `results`); returns their indices."""
+        fn = _prefix_scorer(self.model)
+        lora_key = _lora_signature(lora, idx is not None)
+        done: set[int] = set()
+        for chunk in self._prefix_chunks([inp[:-1] for inp, _ in seqs], idx):
+            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: seqs[i][0], lora, idx, lora_key)
+            slot_of = {i: g for g, (_, members) in enumerate(chunk) for i in members}
+            cut = {i: length for length, members in chunk for i in members}
+            conts = {i: (seqs[i][0][cut[i]:], seqs[i][1]) for i in slot_of}
+            lengths = {i: len(a) + len(b) for i, (a, b) in conts.items()}
+            for batch in self._batches(lengths, list(conts)):
+                pairs = self._fill([conts[i] for i in batch])
+                width = bucket_length(max(len(a) + len(b) for a, b in pairs), self.buckets)
+                ids, mask = pad_rows([a + b for a, b in pairs], width, self.pad_id, left=False)
+                n_targets, predict_at, valid = self._targets(pairs)
+                slot = np.asarray(self._fill([slot_of[i] for i in batch]), np.int32)
+                adapters = self._batch_adapters(idx, batch)
+                placed = self._place(ids, mask, predict_at, valid, slot, *(() if adapters is None else (adapters,)))
+                key = ("score_prefix", (gb, t_width), ids.shape, n_targets, lora_key)
+                lp = np.asarray(self._call(key, fn, self.params, cache, prefix_len, placed[4], *placed[:4], lora,
+                                           placed[5] if adapters is not None else None))
+                for r, i in enumerate(batch):
+                    tok_lp = lp[r, : len(seqs[i][1])].tolist()
+                    results[i] = ScoreResult(float(np.sum(tok_lp)), len(seqs[i][1]), tok_lp)
+                    done.add(i)
+        return done
+
+    def _targets(self, pairs) -> tuple[int, np.ndarray, np.ndarray]:
+        """(padded target count, position predicting each target token (B, n), valid (B, n)) of
+        right-padded rows input + target."""
+        n_targets = bucket_length(max(len(b) for _, b in pairs), self.buckets)
+        # Position n_in - 1 + j predicts target token j; past a row's end, repeat a valid index.
+        steps = np.arange(n_targets)[None, :]
+        n_in = np.array([len(a) for a, _ in pairs])[:, None]
+        n_t = np.array([len(b) for _, b in pairs])[:, None]
+        valid = steps < n_t
+        return n_targets, np.where(valid, n_in - 1 + steps, n_in - 1).astype(np.int32), valid
+
+    def _score_plain(self, seqs, rows, lora, idx, results) -> None:
         fn = _decoder_only_scorer(self.model)
         lora_key = _lora_signature(lora, idx is not None)
-        results: list[ScoreResult | None] = [None] * len(seqs)
-        for batch in self._batches([len(a) + len(b) for a, b in seqs]):
+        for batch in self._batches([len(a) + len(b) for a, b in seqs], rows):
             pairs = self._fill([seqs[i] for i in batch])
             width = bucket_length(max(len(a) + len(b) for a, b in pairs), self.buckets)
             ids, mask = pad_rows([a + b for a, b in pairs], width, self.pad_id, left=False)
-            n_targets = bucket_length(max(len(b) for _, b in pairs), self.buckets)
-            # Position n_in - 1 + j predicts target token j; past a row's end, repeat a valid index.
-            steps = np.arange(n_targets)[None, :]
-            n_in = np.array([len(a) for a, _ in pairs])[:, None]
-            n_t = np.array([len(b) for _, b in pairs])[:, None]
-            valid = steps < n_t
-            predict_at = np.where(valid, n_in - 1 + steps, n_in - 1).astype(np.int32)
+            n_targets, predict_at, valid = self._targets(pairs)
             adapters = self._batch_adapters(idx, batch)
             placed = self._place(ids, mask, predict_at, valid, *(() if adapters is None else (adapters,)))
             key = ("score", ids.shape, n_targets, lora_key)
@@ -362,14 +600,17 @@ class Engine:
             for r, i in enumerate(batch):
                 tok_lp = lp[r, : len(seqs[i][1])].tolist()
                 results[i] = ScoreResult(float(np.sum(tok_lp)), len(seqs[i][1]), tok_lp)
-        return results  # type: ignore[return-value]
 
     def _score_encoder_decoder(self, examples, lora, idx) -> list[ScoreResult]:
-        start = self.pretrained.config.decoder_start_token_id
+        results: list[ScoreResult | None] = [None] * len(examples)
+        shared: set[int] = set()
+        if self.prefix_cache:
+            shared = self._score_shared_sources(examples, lora, idx, results)
         fn = _encoder_decoder_scorer(self.model)
         lora_key = _lora_signature(lora, idx is not None)
-        results: list[ScoreResult | None] = [None] * len(examples)
-        for batch in self._batches([max(len(a), len(b)) for a, b in examples]):
+        rest = [i for i in range(len(examples)) if i not in shared]
+        start = self.pretrained.config.decoder_start_token_id
+        for batch in self._batches([max(len(a), len(b)) for a, b in examples], rest):
             enc_rows = self._fill([list(examples[i][0]) or [self.pad_id] for i in batch])
             tgt_rows = self._fill([list(examples[i][1]) for i in batch])
             enc_w = bucket_length(max(map(len, enc_rows)), self.buckets)
@@ -387,35 +628,87 @@ class Engine:
                 results[i] = ScoreResult(float(np.sum(tok_lp)), n_t, tok_lp)
         return results  # type: ignore[return-value]
 
+    def _score_shared_sources(self, examples, lora, idx, results) -> set[int]:
+        """T5: rows with the same encoder input (and adapter) share one encoder pass; their targets are
+        decoded against it. Scores go into `results`; returns the rows done."""
+        by_source: dict[tuple, list[int]] = {}
+        for i, (inp, _) in enumerate(examples):
+            by_source.setdefault((None if idx is None else int(idx[i]), tuple(inp) or (self.pad_id,)), []).append(i)
+        groups = [(key, rows) for key, rows in by_source.items() if len(rows) > 1]
+        groups.sort(key=lambda g: -len(g[0][1]))
+        start = self.pretrained.config.decoder_start_token_id
+        lora_key = _lora_signature(lora, idx is not None)
+        encode, score = _t5_encoder(self.model), _t5_shared_source_scorer(self.model)
+        done: set[int] = set()
+        for c in range(0, len(groups), self.batch_size):
+            chunk = groups[c : c + self.batch_size]
+            gb = self._prefix_batch(len(chunk))
+            sources = self._fill_to([list(key[1]) for key, _ in chunk], gb)
+            enc_ids, enc_mask = pad_rows(sources, bucket_length(max(map(len, sources)), self.buckets), self.pad_id)
+            enc_adapters = None if idx is None else np.asarray(self._fill_to([key[0] for key, _ in chunk], gb), np.int32)
+            placed = self._place(enc_ids, enc_mask, *(() if enc_adapters is None else (enc_adapters,)))
+            hidden = self._call(("encode", enc_ids.shape, lora_key), encode, self.params, placed[0], placed[1], lora,
+                                placed[2] if enc_adapters is not None else None)
+            slot_of = {i: g for g, (_, rows) in enumerate(chunk) for i in rows}
+            for batch in self._batches([len(examples[i][1]) for i in range(len(examples))], list(slot_of)):
+                tgt_rows = self._fill([list(examples[i][1]) for i in batch])
+                targets, dec_mask = pad_rows(tgt_rows, bucket_length(max(map(len, tgt_rows)), self.buckets), self.pad_id)
+                dec_in = np.concatenate([np.full((len(tgt_rows), 1), start, np.int32), targets[:, :-1]], axis=1)
+                slot = np.asarray(self._fill([slot_of[i] for i in batch]), np.int32)
+                adapters = self._batch_adapters(idx, batch)
+                rows = self._place(slot, dec_in, dec_mask, targets, *(() if adapters is None else (adapters,)))
+                key = ("score_encoded", enc_ids.shape, dec_in.shape, lora_key)
+                lp = np.asarray(self._call(key, score, self.params, hidden, placed[1], *rows[:4], lora,
+                                           rows[4] if adapters is not None else None))
+                for r, i in enumerate(batch):
+                    n_t = len(examples[i][1])
+                    tok_lp = lp[r, :n_t].tolist()
+                    results[i] = ScoreResult(float(np.sum(tok_lp)), n_t, tok_lp)
+                    done.add(i)
+        return done
+
     def rank_classify(
         self,
         inputs: Sequence[Sequence[int]],
         options: Sequence[Sequence[Sequence[int]]],
         lora: LoraWeights | None = None,
         adapter_index: Sequence[int] | None = None,
-        length_normalized: bool = False,
+        normalization: str = "sum",
+        option_bytes: Sequence[Sequence[int]] | None = None,
     ) -> list[list[float]]:
-        """Per example, the log-prob of each of its answer options (sum, or per-token mean when
-        `length_normalized`); the prediction is the argmax. Options may differ in number and length
-        per example; all (input, option) pairs are flattened and scored once each, in shared batches
-        (decoder-only: input + option in one row).
+        """Per example, the score of each of its answer options; the prediction is the argmax.
+
+        Options may differ in number and length per example; all (input, option) pairs are flattened
+        and scored once each, in shared batches (decoder-only: input + option in one row). With the
+        prefix cache (Llama), an example's prompt is run once and all its options continue from its
+        keys/values, in one batched call per batch of options.
 
         Args:
           inputs: the input token ids of each example.
           options: per example, its answer options as token-id sequences (each non-empty).
           lora: as in `score`.
           adapter_index: one adapter index per example (shared by its options), with a batched `lora`.
-          length_normalized: divide each option's sum by its number of tokens.
+          normalization: "sum" (the option's summed log-prob), "mean" (per token) or "byte" (per
+            UTF-8 byte of the option's text, lm-evaluation-harness's acc_norm; needs `option_bytes`).
+          option_bytes: per example and option, the option text's length in bytes (> 0), for "byte".
 
         Returns:
           Per example, a list of natural-log scores, one per option in the given order.
 
         Raises:
           ValueError: `inputs` and `options` differ in length, an example has no options,
-            `adapter_index` has the wrong length, or anything `score` rejects (e.g. an empty option).
+            `adapter_index` has the wrong length, an unknown `normalization`, "byte" without matching
+            positive `option_bytes`, or anything `score` rejects (e.g. an empty option).
         """
+        if normalization not in RANK_NORMALIZATIONS:
+            raise ValueError(f"normalization {normalization!r}: expected one of {RANK_NORMALIZATIONS}")
         if len(inputs) != len(options):
             raise ValueError(f"{len(inputs)} inputs but {len(options)} option lists")
+        if normalization == "byte":
+            if option_bytes is None or [len(b) for b in option_bytes] != [len(o) for o in options]:
+                raise ValueError("normalization='byte' needs option_bytes: one byte count per option")
+            if any(n <= 0 for b in option_bytes for n in b):
+                raise ValueError("option_bytes must be positive")
         pairs, owner = [], []
         for i, (inp, opts) in enumerate(zip(inputs, options)):
             if not opts:
@@ -431,7 +724,9 @@ class Engine:
         scores = self.score(pairs, lora, flat_idx)
         out: list[list[float]] = [[] for _ in inputs]
         for i, s in zip(owner, scores):
-            out[i].append(s.logprob / s.num_tokens if length_normalized else s.logprob)
+            k = len(out[i])
+            divisor = {"sum": 1, "mean": s.num_tokens, "byte": option_bytes[i][k] if option_bytes else 1}[normalization]
+            out[i].append(s.logprob / divisor)
         return out
 
     # -------------------------------------------------------------------- generation
@@ -443,11 +738,14 @@ class Engine:
         stop_sequences: Sequence[Sequence[int]] = (),
         lora: LoraWeights | None = None,
         adapter_index: Sequence[int] | None = None,
+        sampling: decoding.Sampling | None = None,
+        row_ids: Sequence[int] | None = None,
     ) -> list[GenerateResult]:
-        """Greedy continuations (EOS excluded; a stop sequence, if hit, included).
+        """Greedy (or sampled) continuations (EOS excluded; a stop sequence, if hit, included).
 
         EOS ids are `Pretrained.eos_ids` (generation_config.json's, else the tokenizer's, else the
-        config's). Llama prompts are left-padded; T5 inputs go to the encoder.
+        config's). Llama prompts are left-padded (continuing from their shared prefix's cache when
+        `prefix_cache`); T5 inputs go to the encoder.
 
         Args:
           prompts: non-empty token-id sequences.
@@ -455,17 +753,25 @@ class Engine:
           stop_sequences: token-id sequences that end a generation (empty ones are ignored).
           lora: None, one adapter, or a batched adapter with `adapter_index`.
           adapter_index: the adapter of each prompt, with a batched `lora` only.
+          sampling: None or greedy `decoding.Sampling()`: argmax; else temperature / top-k / top-p
+            sampling with its seed.
+          row_ids: per prompt, the id that keys its random draws (default: its index in `prompts`);
+            a prompt's sample depends only on (seed, row id), not on its batch.
 
         Returns:
           One `GenerateResult` per prompt, in order.
 
         Raises:
-          ValueError: an empty prompt, or an adapter mismatch as in `score`.
+          ValueError: an empty prompt, `row_ids` of the wrong length, or an adapter mismatch as in `score`.
           CheckpointError: the model's generation_config.json sets a field that changes greedy output
             (repetition_penalty, num_beams, ...), named with the file.
         """
         if self.pretrained.generation is not None:
             self.pretrained.generation.check_greedy()
+        sampling = sampling or decoding.GREEDY
+        row_ids = list(range(len(prompts))) if row_ids is None else [int(r) for r in row_ids]
+        if len(row_ids) != len(prompts):
+            raise ValueError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")
         eos = self.pretrained.eos_ids
         stops = tuple(dict.fromkeys(tuple(s) for s in stop_sequences if s))
         results: list[GenerateResult | None] = [None] * len(prompts)
@@ -474,20 +780,54 @@ class Engine:
                 raise ValueError(f"prompt {i}: empty")
         idx = self._check_adapters(len(prompts), lora, adapter_index)
         lora = self._place_lora(lora)
-        fn = _generator(self.model, max_new_tokens, eos, stops, self.pad_id)
+        options = (max_new_tokens, eos, stops, self.pad_id, sampling)
+        grouped: set[int] = set()
+        if self._use_prefixes():
+            grouped = self._generate_with_prefixes(prompts, options, lora, idx, row_ids, results)
+        fn = _generator(self.model, *options)
         lora_key = _lora_signature(lora, idx is not None)
-        for batch in self._batches([len(p) for p in prompts]):
+        rest = [i for i in range(len(prompts)) if i not in grouped]
+        for batch in self._batches([len(p) for p in prompts], rest):
             rows = self._fill([list(prompts[i]) for i in batch])
             width = bucket_length(max(map(len, rows)), self.buckets)
             ids, mask = pad_rows(rows, width, self.pad_id, left=self.pretrained.family == "llama")
             adapters = self._batch_adapters(idx, batch)
-            placed = self._place(ids, mask, *(() if adapters is None else (adapters,)))
-            key = ("generate", ids.shape, max_new_tokens, eos, stops, lora_key)
-            out, lengths = self._call(key, fn, self.params, placed[0], placed[1], lora, placed[2] if adapters is not None else None)
+            rid = np.asarray(self._fill([row_ids[i] for i in batch]), np.int32)
+            placed = self._place(ids, mask, rid, *(() if adapters is None else (adapters,)))
+            key = ("generate", ids.shape, options, lora_key)
+            out, lengths = self._call(key, fn, self.params, placed[0], placed[1], lora,
+                                      placed[3] if adapters is not None else None, placed[2])
             out, lengths = np.asarray(out), np.asarray(lengths)
             for r, i in enumerate(batch):
                 results[i] = GenerateResult(out[r, : lengths[r]].tolist())
         return results  # type: ignore[return-value]
+
+    def _generate_with_prefixes(self, prompts, options, lora, idx, row_ids, results) -> set[int]:
+        """Generates for the prompts that share a prefix (into `results`); returns their indices."""
+        fn = _prefix_generator(self.model, *options)
+        lora_key = _lora_signature(lora, idx is not None)
+        done: set[int] = set()
+        for chunk in self._prefix_chunks([list(p[:-1]) for p in prompts], idx):
+            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: prompts[i], lora, idx, lora_key)
+            slot_of = {i: g for g, (_, members) in enumerate(chunk) for i in members}
+            conts = {i: list(prompts[i][length:]) for length, members in chunk for i in members}
+            lengths = {i: len(c) for i, c in conts.items()}
+            for batch in self._batches(lengths, list(conts)):
+                rows = self._fill([conts[i] for i in batch])
+                width = bucket_length(max(map(len, rows)), self.buckets)
+                ids, mask = pad_rows(rows, width, self.pad_id, left=True)
+                slot = np.asarray(self._fill([slot_of[i] for i in batch]), np.int32)
+                rid = np.asarray(self._fill([row_ids[i] for i in batch]), np.int32)
+                adapters = self._batch_adapters(idx, batch)
+                placed = self._place(ids, mask, slot, rid, *(() if adapters is None else (adapters,)))
+                key = ("generate_prefix", (gb, t_width), ids.shape, options, lora_key)
+                out, lengths_out = self._call(key, fn, self.params, cache, prefix_len, placed[2], placed[0], placed[1],
+                                              lora, placed[4] if adapters is not None else None, placed[3])
+                out, lengths_out = np.asarray(out), np.asarray(lengths_out)
+                for r, i in enumerate(batch):
+                    results[i] = GenerateResult(out[r, : lengths_out[r]].tolist())
+                    done.add(i)
+        return done
 
     def generate_text(
         self,
@@ -496,8 +836,9 @@ class Engine:
         stop_strings: Sequence[str] = (),
         lora: LoraWeights | None = None,
         adapter_index: Sequence[int] | None = None,
+        sampling: decoding.Sampling | None = None,
     ) -> list[str]:
-        """Greedy text continuations cut at the earliest stop string (e.g. "\\n\\n", a blank line).
+        """Greedy (or sampled) text continuations cut at the earliest stop string (e.g. "\\n\\n", a blank line).
 
         Prompts are encoded with the tokenizer's special tokens (BOS when the model wants it).
 
@@ -508,6 +849,7 @@ class Engine:
             `stop_token_sequences`, then `cut_at_stop` on the text).
           lora: None, one adapter, or a batched adapter with `adapter_index`.
           adapter_index: the adapter of each prompt, with a batched `lora` only.
+          sampling: as in `generate` (None: greedy).
 
         Returns:
           One decoded string per prompt (special tokens skipped), cut before any stop string.
@@ -522,5 +864,5 @@ class Engine:
             if s not in self._stop_tokens:
                 self._stop_tokens[s] = stop_token_sequences(tok, s)
         stops = [seq for s in stop_strings for seq in self._stop_tokens[s]]
-        results = self.generate(tok.encode_batch(prompts), max_new_tokens, stops, lora, adapter_index)
+        results = self.generate(tok.encode_batch(prompts), max_new_tokens, stops, lora, adapter_index, sampling)
         return [cut_at_stop(tok.decode(r.output_ids), stop_strings) for r in results]

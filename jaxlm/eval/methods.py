@@ -72,7 +72,15 @@ class EvalContext:
     workdir: Path | None = None
     embedder: Any = None  # a CachedEmbedder; built on first use (cross-task retrieval)
     embed_cache_dir: Path | None = None
+    rank_normalization: str = "sum"  # which option score picks the answer: sum, mean (per token), byte
     _stops: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        from jaxlm.eval.engine import RANK_NORMALIZATIONS
+
+        if self.rank_normalization not in RANK_NORMALIZATIONS:
+            raise ConfigError(f"eval_sweep.rank_normalization {self.rank_normalization!r}: expected one of "
+                              f"{RANK_NORMALIZATIONS}")
 
     # ------------------------------------------------------------------ text <-> tokens
 
@@ -106,7 +114,9 @@ class EvalContext:
     def answer(self, task: TaskData, instances: Sequence[Instance], texts: Sequence[str], *,
                stop: str = BLANK_LINE, lora: Any = None) -> list[dict[str, Any]]:
         """One record per instance: generated (cut by `cut_at(text, stop)`) or, for multiple choice, the
-        best-ranked option. Decoding itself stops at a blank line either way: a LINE answer may open
+        best-ranked option by `rank_normalization`; a multiple-choice record carries every option's
+        summed log-prob ("option_logprobs"), per-token mean ("option_logprobs_mean") and per-UTF-8-byte
+        score ("option_logprobs_per_byte", lm-evaluation-harness's acc_norm) side by side. Decoding itself stops at a blank line either way: a LINE answer may open
         with a newline ("Output: \\n yes"), so a token-level newline stop would end it empty."""
         records: list[dict[str, Any] | None] = [None] * len(instances)
         free = [i for i, inst in enumerate(instances) if not inst.is_multiple_choice]
@@ -120,18 +130,27 @@ class EvalContext:
         if mc:
             scores = self.rank([texts[i] for i in mc], [instances[i].options for i in mc], lora=lora)
             for i, s in zip(mc, scores):
-                best = int(np.argmax(s))
-                records[i] = {**_record(task, instances[i], texts[i], instances[i].options[best]),
-                              "options": list(instances[i].options), "option_logprobs": [float(x) for x in s],
+                opts = instances[i].options
+                ways = {"sum": [float(x) for x in s],
+                        "mean": [float(x) / max(1, len(self.option_ids(o))) for x, o in zip(s, opts)],
+                        "byte": [float(x) / max(1, len(o.encode("utf-8"))) for x, o in zip(s, opts)]}
+                best = int(np.argmax(ways[self.rank_normalization]))
+                records[i] = {**_record(task, instances[i], texts[i], opts[best]),
+                              "options": list(opts), "option_logprobs": ways["sum"],
+                              "option_logprobs_mean": ways["mean"], "option_logprobs_per_byte": ways["byte"],
+                              "rank_normalization": self.rank_normalization,
                               "option_scores": list(instances[i].option_scores)}
         return records  # type: ignore[return-value]
 
     def rank(self, texts: Sequence[str], options: Sequence[Sequence[str]], lora: Any = None) -> list[list[float]]:
         """Sum log-prob of each option's tokens after its prompt (`Engine.rank_classify`)."""
         inputs = [self.prompt_ids(t) for t in texts]
-        option_ids = [[self.tokenizer.encode(o, add_special_tokens=self.engine.pretrained.family == "t5")
-                       for o in opts] for opts in options]
+        option_ids = [[self.option_ids(o) for o in opts] for opts in options]
         return self.engine.rank_classify(inputs, option_ids, lora=lora)
+
+    def option_ids(self, option: str) -> list[int]:
+        """An answer option's target tokens (T5: with </s>)."""
+        return self.tokenizer.encode(option, add_special_tokens=self.engine.pretrained.family == "t5")
 
 
 def _record(task: TaskData, inst: Instance, prompt: str, prediction: str) -> dict[str, Any]:
@@ -331,7 +350,8 @@ def _voted(records: dict[str, list[dict]], by_source: dict[str, list[str]]) -> l
     first = next(iter(records.values()))
     out = []
     for i, (rec, vote) in enumerate(zip(first, votes)):
-        rest = {k: v for k, v in rec.items() if k not in ("prompt", "prediction", "option_logprobs")}
+        rest = {k: v for k, v in rec.items()
+                if k not in ("prompt", "prediction", "option_logprobs", "option_logprobs_mean", "option_logprobs_per_byte")}
         out.append({**rest, "prediction": vote,
                     "sources": {n: {"prompt": records[n][i]["prompt"], "prediction": by_source[n][i]} for n in records}})
     return out

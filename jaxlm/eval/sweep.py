@@ -7,7 +7,8 @@ it was in.
 Each line carries a digest of the cell's settings (model, method fields, instance cap, token
 budgets): a rerun with changed settings redoes that cell, and the reports use its latest line.
 At the end: `summary.md` / `summary.csv` (method x task group, `jaxlm.eval.report`), `plots/*.png`,
-and `config.gin` (the operative gin config).
+`config.gin` (the operative gin config) and `results.json` (lm-evaluation-harness shaped, with
+bootstrap standard errors: `jaxlm.eval.harness`).
 
     jaxlm eval --gin_file=jaxlm/configs/eval/smollm2_superni.gin --workdir runs/eval_superni
 """
@@ -152,12 +153,14 @@ def results_log(workdir: Path) -> ResultsLog:
 
 
 def settings_key(model: EvalModel, method: methods_lib.Method, ts: TaskSet, max_new_tokens: int,
-                 max_source_length: int) -> str:
+                 max_source_length: int, rank_normalization: str = "sum") -> str:
     """A digest of everything that changes a cell's answers: a rerun with other settings redoes the cell
-    (its new line supersedes the old one in the reports) instead of skipping it."""
+    (its new line supersedes the old one in the reports) instead of skipping it. (The prefix cache
+    changes no answer; a non-default rank normalisation does.)"""
     import hashlib
 
-    text = repr((model, method, ts.max_instances, ts.english_only, max_new_tokens, max_source_length))
+    text = repr((model, method, ts.max_instances, ts.english_only, max_new_tokens, max_source_length)
+                + (() if rank_normalization == "sum" else (rank_normalization,)))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -178,6 +181,8 @@ def eval_sweep(
     max_cells: int | None = None,
     progress: bool = True,
     mesh_shape: str | None = None,
+    prefix_cache: bool = True,
+    rank_normalization: str = "sum",
 ) -> dict[str, Any]:
     """Run every unfinished cell of the grid; return {"cells", "ran", "skipped", "num_compiles", "workdir"}.
 
@@ -186,6 +191,12 @@ def eval_sweep(
     mesh_shape: a device mesh for the engine, e.g. "data=-1" (`jax.sharding` via `jaxlm.sharding.make_mesh`;
       batches split over data x fsdp, which must divide `batch_size`); None: one device.
       `jaxlm eval --mesh` binds it.
+    prefix_cache: compute each shared token prefix once (Llama; exact). False recomputes every row.
+    rank_normalization: which option score picks a multiple-choice answer: "sum" of log-probs,
+      "mean" per token, or "byte" per UTF-8 byte (lm-evaluation-harness's acc_norm); all three are
+      written to the predictions either way.
+    Besides results.jsonl, writes results.json shaped like lm-evaluation-harness output
+    (`jaxlm.eval.harness`).
     """
     from jaxlm.data.sources import load_tasks
     from jaxlm.eval import report
@@ -215,7 +226,7 @@ def eval_sweep(
         if not loaded:
             raise ConfigError(f"TaskSet(source={ts.source!r}, part={ts.part!r}, names={ts.names}): no tasks in {data_dir or data_root()}")
     cells = [Cell(model.name, method.name, t, name, seed,
-                  settings_key(model, method, tasks[t], max_new_tokens, max_source_length))
+                  settings_key(model, method, tasks[t], max_new_tokens, max_source_length, rank_normalization))
              for model in models for method in methods for t, loaded in enumerate(task_lists) for name in loaded
              for seed in (seeds if method.seeded else seeds[:1])]
     if len({c.id for c in cells}) != len(cells):
@@ -235,12 +246,13 @@ def eval_sweep(
         mine = [c for c in todo if c.model == model.name]
         if not mine:
             continue
-        engine = Engine(model.load(), batch_size=batch_size, mesh=mesh,
+        engine = Engine(model.load(), batch_size=batch_size, mesh=mesh, prefix_cache=prefix_cache,
                         **({"buckets": tuple(buckets)} if buckets else {}))
         ctx = methods_lib.EvalContext(
             engine, engine.pretrained.tokenizer,
             lambda source, part=None, names=None: source_tasks(source, part, None if names is None else tuple(names)),
             max_source_length=max_source_length, max_new_tokens=max_new_tokens, workdir=workdir,
+            rank_normalization=rank_normalization,
             embed_cache_dir=Path(embed_cache_dir) if embed_cache_dir else workdir / "embeddings")
         by_name = {m.name: m for m in methods}
         for cell in mine:
@@ -257,7 +269,12 @@ def eval_sweep(
         num_compiles += _compiles(engine)
     bar.close()
     latest = {r["cell"]: r for r in results.rows()}  # a cell redone with other settings: its last line counts
-    report.write_reports(workdir, [r for r in latest.values() if r["cell"] in {c.id for c in cells}])
+    reported = [r for r in latest.values() if r["cell"] in {c.id for c in cells}]
+    report.write_reports(workdir, reported)
+    write_harness_results(workdir, reported, {
+        "models": [m.name for m in models], "methods": names, "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens, "max_source_length": max_source_length, "prefix_cache": prefix_cache,
+        "rank_normalization": rank_normalization, "seeds": list(seeds), "num_compiles": num_compiles})
     write_atomically(workdir / "config.gin", lambda f: f.write(gin.operative_config_str()))
     skipped = len(cells) - len([c for c in cells if (c.id, c.settings) not in done])
     summary = {"cells": len(cells), "ran": ran, "skipped": skipped, "num_compiles": num_compiles,
@@ -265,6 +282,23 @@ def eval_sweep(
     print(f"jaxlm eval: {ran} cell(s) run, {skipped} already done, {len(cells)} in the grid; "
           f"{num_compiles} compiled shape(s)", file=sys.stderr)
     return summary
+
+
+def write_harness_results(workdir: Path, rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
+    """DIR/results.json shaped like lm-evaluation-harness output (`jaxlm.eval.harness`), from the
+    reported rows and their predictions files (a cell whose file is missing gets no stderr)."""
+    import json
+
+    from jaxlm.eval import harness
+    from jaxlm.jsonl import read_jsonl
+
+    records = {}
+    for row in rows:
+        path = Path(workdir) / PREDICTIONS / f"{row['cell']}.jsonl"
+        if path.is_file():
+            records[row["cell"]] = [{k: v for k, v in r.items() if k != "_line"} for r in read_jsonl(path)]
+    doc = harness.harness_results(rows, records, config)
+    write_atomically(Path(workdir) / "results.json", lambda f: f.write(json.dumps(doc, indent=2, sort_keys=False) + "\n"))
 
 
 def split_instances(task: TaskData, max_instances: int | None) -> tuple[tuple[Instance, ...], tuple[Instance, ...]]:

@@ -60,6 +60,28 @@ def take_rows(cache: Cache, index_B: Array) -> Cache:
     return jax.tree_util.tree_map(lambda x: jnp.take(x, index_B, axis=0), cache)
 
 
+def with_free_slots(cache: Cache, extra_slots: int) -> Cache:
+    """The cache with `extra_slots` empty slots appended after its S slots (masked out, zero keys/values).
+
+    Args:
+      cache: a Llama cache {'kv_mask': (B, S), 'layers_i': {'k', 'v'}: (B, K, S, Dh)}.
+      extra_slots: L >= 0, the slots added for the tokens that continue from it.
+
+    Returns:
+      A cache of S + L slots, slots [0, S) unchanged.
+    """
+    if extra_slots == 0:
+        return cache
+
+    def pad(x):
+        axis = 1 if x.ndim == 2 else 2  # kv_mask (B, S); keys/values (B, K, S, Dh)
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra_slots)
+        return jnp.pad(x, widths)
+
+    return jax.tree_util.tree_map(pad, cache)
+
+
 def continue_from_prefix(model: Llama, params: Any, cache_B: Cache, prefix_length_B: Array, ids_BxL: Array,
                          mask_BxL: Array | None = None, positions_BxL: Array | None = None, *,
                          lora: LoraWeights | None = None, gather_index: Array | None = None,
