@@ -108,12 +108,29 @@ class TrainCheckpointer:
         Raises:
           DiskFullError: the disk is full (this save, or an earlier asynchronous one, failed).
         """
+        self._check_free_space(step, state)
         with _disk_errors(self.directory, step):
             self._manager.save(
                 int(step),
                 args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(dict(data_state))}),
                 force=force,
             )
+
+    def _check_free_space(self, step: int, state: Any) -> None:
+        """DiskFullError before orbax starts a write that cannot fit (single process: the arrays' bytes
+        against the filesystem's free space). Caught here, a full disk never reaches orbax's background
+        thread, whose failure leaves C++-printed tracebacks behind; a disk filled by someone else during
+        the write is still caught by `_disk_errors`."""
+        if jax.process_count() != 1:
+            return  # each host writes its own shards, maybe to its own disk: no single budget to check
+        need = sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree_util.tree_leaves(state)) + 2**20  # + metadata
+        directory = Path(self.directory)
+        probe = next((p for p in (directory, *directory.parents) if p.exists()), directory)
+        free = shutil.disk_usage(probe).free
+        if need > free:
+            raise DiskFullError(f"{self.directory}: disk full: step {step} needs {need / 2**20:.1f} MiB, "
+                                f"{free / 2**20:.1f} MiB free; free space and rerun: training resumes from the "
+                                "last complete checkpoint")
 
     # ---------------------------------------------------------------- restore
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
