@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hf_tiny import tiny_llama_dir
+from tests.hf_tiny import tiny_llama_dir, tiny_t5_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, POSITIONS = 128, 256  # the tiny Llama of tests/hf_tiny.py
@@ -108,6 +108,10 @@ def _cases(d: Path, model: str) -> dict[str, tuple[list[str], list[str]]]:
                                          ["--max_new_tokens 1000", f"{POSITIONS} positions"]),
         "generate_max_new_tokens_1e8": (generate([{"input_ids": [5]}], "--max_new_tokens", "100000000"),
                                         ["--max_new_tokens 100000000"]),
+        "generate_t5_max_new_tokens_1e8": (["generate", "--model", str(d / "t5"), "--input",
+                                            _jsonl(d / "t5_in.jsonl", [{"input_ids": [5, 6]}]), "--output",
+                                            str(d / "t5_gen.jsonl"), "--max_new_tokens", "100000000"],
+                                           ["--max_new_tokens 100000000", "KV cache"]),
         "generate_max_new_tokens_zero": (generate([{"input_ids": [5]}], "--max_new_tokens", "0"),
                                          ["--max_new_tokens", "positive"]),
         "generate_truncate_bad_side": (generate([{"input_ids": [5]}], "--truncate", "middle"),
@@ -184,6 +188,7 @@ def _cases(d: Path, model: str) -> dict[str, tuple[list[str], list[str]]]:
 def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad_inputs")
     model = str(tiny_llama_dir(d / "llama"))
+    tiny_t5_dir(d / "t5", "v1_1")  # no position limit: --max_new_tokens is bounded by the cache's memory
     cases = _cases(d, model)
     with ThreadPoolExecutor(max_workers=2) as pool:
         done = dict(zip(cases, pool.map(lambda argv: run_cli(argv), [argv for argv, _ in cases.values()])))

@@ -5,6 +5,7 @@ an output JSONL written in input order as batches finish (`--resume` continues o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -191,6 +192,23 @@ def cmd_score(args) -> int:
     return _run(args, make)
 
 
+def _check_cache_fits(pretrained: Any, batch_size: int, max_new_tokens: int) -> None:
+    """UsageError naming --max_new_tokens when the decoding KV cache of one batch alone (float32 keys and
+    values for `max_new_tokens` slots per row, every decoder layer) exceeds half of this machine's memory:
+    the T5 decoder has no position limit to check against, and a long Llama context can still not fit."""
+    c = pretrained.config
+    if pretrained.family == "t5":
+        layers, width = (c.num_decoder_layers or c.num_layers), c.num_heads * c.d_kv
+    else:
+        layers, width = c.num_layers, c.num_kv_heads * c.dim_per_head
+    need = 2 * layers * width * 4 * batch_size * max_new_tokens
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total // 2:
+        raise UsageError(f"--max_new_tokens {max_new_tokens}: the KV cache of one batch of {batch_size} would take "
+                         f"{need / 2**30:.1f} GiB, more than half of this machine's {total / 2**30:.0f} GiB; "
+                         "ask for fewer new tokens or a smaller --batch_size")
+
+
 def cmd_generate(args) -> int:
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
@@ -205,6 +223,7 @@ def cmd_generate(args) -> int:
         tok = engine.pretrained.tokenizer
         vocab = engine.pretrained.config.vocab_size
         limit = context_length(engine.pretrained)
+        _check_cache_fits(engine.pretrained, args.batch_size, args.max_new_tokens)
         if limit is not None and args.max_new_tokens >= limit:
             raise UsageError(f"--max_new_tokens {args.max_new_tokens}: the model has {limit} positions "
                              f"(max_position_embeddings), so at most {limit - 1} new tokens fit after a prompt")
