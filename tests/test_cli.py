@@ -55,6 +55,20 @@ def test_score_ids_match_direct_computation(tiny_dir, tmp_path):
         assert o["logprob"] == pytest.approx(sum(o["token_logprobs"]), abs=1e-5)
 
 
+def test_progress_bars_on_a_terminal_only(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Loading and scoring show tqdm bars when forced on (a terminal); a log file gets none."""
+    inp = _write(tmp_path / "in.jsonl", ROWS)
+    args = ["score", "--model", str(tiny_dir), "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]
+    monkeypatch.setenv("JAXLM_PROGRESS", "1")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"score: 100%" in err and f"{len(ROWS)}/{len(ROWS)}" in err and "tensor" in err  # lines, then tensors
+    monkeypatch.delenv("JAXLM_PROGRESS")
+    assert main(args) == 0  # captured stderr is not a TTY
+    err = capsys.readouterr().err
+    assert "100%" not in err and err.count("\n") == 1  # the one summary line
+
+
 def test_score_with_peft_adapter(tiny_dir, tmp_path):
     pre = jaxlm.load_pretrained(tiny_dir)
     lora = lora_lib.init_lora(lora_lib.LoraSpec(("q_proj", "v_proj"), rank=2, alpha=4.0), pre.params, jax.random.PRNGKey(0))

@@ -345,3 +345,19 @@ def test_generated_adapters_run_once_per_task_and_are_cached_on_disk(tiny, load,
     direct = engine.generate(ids, 4, ctx.stop_ids("\n\n"), lora=lora_lib.LoraWeights(params, spec.rank, spec.alpha))
     assert [r["prediction"] for r in out.records] == [methods.cut_at(tiny.tokenizer.decode(g.output_ids), "\n\n")
                                                       for g in direct]
+
+
+def test_adapter_method_refuses_a_fusion_hypernetwork(monkeypatch):
+    """The sweep scores bare inputs; a hypernetwork trained with fusion would silently lose its instruction."""
+    import types
+
+    from jaxlm.checkpoints import hypernet as hypernet_lib
+    from jaxlm.errors import ConfigError
+    from jaxlm.eval.methods import Adapter
+
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(fusion=True))
+    monkeypatch.setattr(hypernet_lib, "load_hypernet", lambda path: fake)
+    with pytest.raises(ConfigError, match="Adapter.hypernet runs/h: trained with instruction fusion"):
+        Adapter(hypernet="runs/h").loaded_hypernet()
+    fake.config.fusion = False
+    assert Adapter(hypernet="runs/h").loaded_hypernet() is fake

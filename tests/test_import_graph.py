@@ -1,6 +1,6 @@
 """The package's layers import only downward and no module imports itself back through others.
 
-Layer order (low to high): ground (errors, files, features, buckets, sharding, distributed, jsonl;
+Layer order (low to high): ground (errors, files, features, buckets, sharding, distributed, jsonl, progress;
 configs holds gin files only)
 -> models -> checkpoints -> data -> train -> eval -> experiment -> commands -> cli / launch / the
 package facade. Every `import` counts, function-level ones included (`ast`, not runtime), so a lazy
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxlm"
-GROUND = ("errors", "files", "features", "buckets", "sharding", "distributed", "jsonl", "configs")
+GROUND = ("errors", "files", "features", "buckets", "sharding", "distributed", "jsonl", "progress", "configs")
 LAYERS = ("ground", "models", "checkpoints", "data", "train", "eval", "experiment", "commands", "top")
 TOP = ("jaxlm", "jaxlm.cli", "jaxlm.launch")
 

@@ -73,6 +73,23 @@ def test_round_trip_is_bitwise_with_data_state(tmp_path, trained):
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
 
 
+def test_a_checkpoint_of_another_layout_is_refused_and_left_in_place(tmp_path, trained):
+    """A changed config (wider model) is not damage: restore fails loudly naming the step, nothing moves."""
+    import dataclasses as dc
+
+    step, state, data_state = trained
+    ckpt = TrainCheckpointer(tmp_path / "ckpt")
+    ckpt.save(2, state, data_state)
+    ckpt.wait()
+    wider = TrainStep(CausalLM(dc.replace(TINY, hidden_size=48)),
+                      make_optimizer("adamw", learning_rate=1e-2, warmup_steps=1, total_steps=20), make_mesh("data=8"))
+    with pytest.raises(CheckpointError, match="step 2|/2:") as err:
+        ckpt.restore(wider.abstract_state())
+    assert "new --workdir" in str(err.value)
+    ckpt.close()
+    assert (tmp_path / "ckpt" / "2").is_dir() and not (tmp_path / "ckpt.corrupt").exists()
+
+
 def test_keep_last_and_keep_every(tmp_path):
     small = {"w": jax.numpy.arange(12.0).reshape(3, 4)}
     ckpt = TrainCheckpointer(tmp_path / "ckpt", keep_last=2, keep_every=4, async_save=True)

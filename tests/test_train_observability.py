@@ -42,7 +42,7 @@ def _weighted_eval(objective, params, frozen, batches):
 
 def test_lm_eval_every_writes_eval_lines_and_the_event_file_tells_the_whole_story(tmp_path):
     parse_config(["jaxlm/configs/tests/tiny_lm.gin"], [
-        "NUM_STEPS = 10", "train.checkpoint_every = None", "train.log_every = 1",
+        "NUM_STEPS = 10", "train.checkpoint_every = 5", "train.log_every = 1",  # eval and checkpoint at one step
         "train.eval_data = @eval/SyntheticBatches", "eval/SyntheticBatches.seed = 1", "eval/SyntheticBatches.task_seed = 0", "WARMUP_STEPS = 2",
         "train.eval_every = 5", "train.eval_batches = 2",
     ])
@@ -51,6 +51,7 @@ def test_lm_eval_every_writes_eval_lines_and_the_event_file_tells_the_whole_stor
     evals = [r for r in records if "eval/loss" in r]
     assert [r["step"] for r in evals] == [5, 10] and sorted(result["evals"]) == [5, 10]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 11))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10]
     # the eval line of a step follows its train line
     assert [r["step"] for r in records].index(5) + 1 == records.index(evals[0])
     assert all(r["eval/batches"] == 2 and r["eval/num_tokens"] > 0 for r in evals)

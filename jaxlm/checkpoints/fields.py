@@ -53,7 +53,8 @@ def refused(reason: str, *neutral: Any) -> Field:
     return Field(REFUSED, reason, tuple(neutral))
 
 
-_SAMPLING = "jaxlm generate decodes greedily (documented); a sampling setting never applies to it"
+_SAMPLING = ("jaxlm generate is greedy unless --temperature > 0 asks for sampling (documented): the file's "
+             "sampling settings never switch it on")
 _OUTPUT_ONLY = "changes what transformers returns or how fast, never the tokens"
 _SPECULATIVE = "assisted/speculative decoding in transformers returns greedy's tokens"
 

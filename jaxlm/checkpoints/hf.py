@@ -303,8 +303,13 @@ def convert_to_params(
     """
     import jax.numpy as jnp
 
+    from jaxlm.progress import bar
+
     flat = {}
-    for path, leaf in flatten(expected).items():
+    leaves = flatten(expected)
+    progress = bar(len(leaves), f"load {Path(source).name}", "tensor")
+    for path, leaf in leaves.items():
+        progress.update(1)
         name = hf_name(path)
         if name not in tensors:
             raise CheckpointError(f"{source}: tensor {name!r} (for param {'/'.join(path)}) is missing")
@@ -316,6 +321,7 @@ def convert_to_params(
                 f"{source}: tensor {name!r} has shape {value.shape}, expected {tuple(leaf.shape)} for {'/'.join(path)}"
             )
         flat[path] = jnp.asarray(value, dtype)
+    progress.close()
     return unflatten(flat)
 
 

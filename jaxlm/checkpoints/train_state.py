@@ -156,7 +156,14 @@ class TrainCheckpointer:
             if problem is None:
                 try:
                     return self._restore_step(abstract_state, candidate)
+                except LayoutMismatch:
+                    raise  # another model/optimizer wrote it: a config change, not damage; never moved aside
                 except Exception as e:  # noqa: BLE001
+                    text = str(e).lower()
+                    if "structure" in text or "stored shape" in text:  # orbax: the saved tree/shapes differ
+                        raise LayoutMismatch(f"{self.directory} step {candidate}: written by a run with another "
+                                             f"model/optimizer layout ({_one_line(e)}); use a new --workdir or "
+                                             "the run's own config") from None
                     problem = f"unreadable ({_one_line(e)})"
             moved = self._quarantine(candidate)
             message = (f"checkpoint step {candidate} in {self.directory} is corrupt or incomplete: {problem}; "
@@ -213,15 +220,22 @@ class TrainCheckpointer:
         self.close()
 
 
+class LayoutMismatch(CheckpointError):
+    """A readable checkpoint written by another model or optimizer layout (a changed config): refused
+    loudly, never quarantined as damage."""
+
+
 def _check_shapes(abstract: Any, restored: Any, where: Path) -> None:
     """A checkpoint of a different model must fail loudly, not restore into mismatched arrays."""
     want = jax.tree_util.tree_leaves(abstract)
     got = jax.tree_util.tree_leaves(restored)
+    hint = "; use a new --workdir or the run's own config"
     if len(want) != len(got):
-        raise CheckpointError(f"{where}: {len(got)} arrays in the checkpoint, the run expects {len(want)}")
+        raise LayoutMismatch(f"{where}: {len(got)} arrays in the checkpoint, the run expects {len(want)}{hint}")
     for w, g in zip(want, got):
         if tuple(w.shape) != tuple(g.shape):
-            raise CheckpointError(f"{where}: array of shape {tuple(g.shape)} where the run expects {tuple(w.shape)}")
+            raise LayoutMismatch(f"{where}: array of shape {tuple(g.shape)} where the run expects "
+                                 f"{tuple(w.shape)}{hint}")
 
 
 class _disk_errors:

@@ -107,7 +107,9 @@ def cmd_show(args) -> int:
         tasks = {}  # the one name asked for is unknown: said below, naming --task
     task = tasks.get(args.task)
     if task is None:
-        raise DataError(f"--task {args.task!r}: not found in --data_dir {args.data_dir} (source {args.source})")
+        from jaxlm.files import data_root
+
+        raise DataError(f"--task {args.task!r}: not found in --data_dir {args.data_dir or data_root()} (source {args.source})")
     for index in range(min(args.n, len(task.instances))):
         print(jsonl.dumps(example_fields(task, index, fmt, args.num_shots), ensure_ascii=False))
     return 0

@@ -143,11 +143,14 @@ def _run(args, make_records) -> int:
     prepared = make_records(engine, rows)  # validates every line before any compute
     todo = list(range(done, len(rows)))
     start, tokens = time.perf_counter(), 0
-    with JsonlWriter(args.output, append=done > 0) as out:
+    from jaxlm.progress import bar
+
+    with JsonlWriter(args.output, append=done > 0) as out, bar(len(todo), args.command, "line") as progress:
         for _, idx in chunks(todo, 8 * args.batch_size):
             records, n = prepared(idx, lora)
             out.write_all(records)
             tokens += n
+            progress.update(len(idx))
     elapsed = time.perf_counter() - start
     print(
         f"jaxlm {args.command}: {len(todo)} lines -> {args.output} ({tokens} tokens, {elapsed:.1f}s, "

@@ -356,8 +356,10 @@ def heldout_fresh_tasks(config: RewriteConfig, examples: int | None = None, stre
     out = []
     for test, new in zip(heldout, fresh):
         seen = {i.input for i in test.instances}
-        kept = tuple(i for i in new.instances if i.input not in seen)
-        out.append(dataclasses.replace(test, instances=kept))
+        kept = tuple(dataclasses.replace(i, id=f"{test.name}-fresh-{j}") for j, i in
+                     enumerate(x for x in new.instances if x.input not in seen))
+        noop = sum(i.outputs[0] == i.input for i in kept)
+        out.append(dataclasses.replace(test, instances=kept, metadata={**test.metadata, "noop_examples": noop}))
     return out
 
 

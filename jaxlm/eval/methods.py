@@ -459,7 +459,13 @@ class Adapter(Method):
             except ImportError as e:
                 raise UsageError(f"Adapter.hypernet needs jaxlm.checkpoints.hypernet (not available: {e}); "
                                  "use Adapter.teachers for trained teachers") from None
-            self._hypernet = load_hypernet(self.hypernet)
+            hyper = load_hypernet(self.hypernet)
+            if hyper.config.fusion:  # the sweep scores bare inputs: the fused instruction would be dropped
+                raise ConfigError(f"Adapter.hypernet {self.hypernet}: trained with instruction fusion "
+                                  "(hypernet.json hypernet.fusion), which the eval sweep's adapter method does not "
+                                  "feed; evaluate it with jaxlm.eval.rewrite.RewriteEval (string rewrites) or "
+                                  "retrain with HypernetConfig.fusion = False")
+            self._hypernet = hyper
         return self._hypernet
 
     def run(self, ctx, task, instances, pool, seed):

@@ -29,6 +29,7 @@ import gin
 from jaxlm.data.schema import Instance, TaskData
 from jaxlm.errors import ConfigError, UsageError
 from jaxlm.eval import methods as methods_lib
+from jaxlm import jsonl
 from jaxlm.jsonl import ResultsLog, json_line
 from jaxlm.files import data_root, write_atomically
 
@@ -287,7 +288,6 @@ def eval_sweep(
 def write_harness_results(workdir: Path, rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
     """DIR/results.json shaped like lm-evaluation-harness output (`jaxlm.eval.harness`), from the
     reported rows and their predictions files (a cell whose file is missing gets no stderr)."""
-    import json
 
     from jaxlm.eval import harness
     from jaxlm.jsonl import read_jsonl
@@ -298,7 +298,7 @@ def write_harness_results(workdir: Path, rows: Sequence[dict[str, Any]], config:
         if path.is_file():
             records[row["cell"]] = [{k: v for k, v in r.items() if k != "_line"} for r in read_jsonl(path)]
     doc = harness.harness_results(rows, records, config)
-    write_atomically(Path(workdir) / "results.json", lambda f: f.write(json.dumps(doc, indent=2, sort_keys=False) + "\n"))
+    write_atomically(Path(workdir) / "results.json", lambda f: f.write(jsonl.dumps(doc, indent=2, sort_keys=False) + "\n"))
 
 
 def split_instances(task: TaskData, max_instances: int | None) -> tuple[tuple[Instance, ...], tuple[Instance, ...]]:
@@ -360,9 +360,9 @@ def _compiles(engine: Any) -> int:
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from jaxlm.progress import bar
 
-    return tqdm(total=total, desc="eval cells", unit="cell", disable=not enabled, file=sys.stderr)
+    return bar(total, "eval cells", "cell", show=enabled)
 
 
 def run_from_gin(workdir: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
 from jaxlm.buckets import bucket_length, pad_rows, powers_of_two
+from jaxlm.progress import bar
 
 Array = jax.Array
 
@@ -143,12 +144,15 @@ class SentenceEmbedder:
         order = np.argsort([-len(x) for x in ids], kind="stable")  # similar lengths share a batch
         out = np.zeros((len(texts), self.config.hidden_size), np.float32)
         cap = min(max_length, self.config.max_position_embeddings)
+        progress = bar(len(texts), "embed", "text")
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             length = bucket_length(max(len(ids[i]) for i in rows), powers_of_two(cap, MIN_BUCKET))
             batch = bucket_length(len(rows), powers_of_two(batch_size))
             tokens, mask = pad_rows([ids[i] for i in rows] + [[]] * (batch - len(rows)), length, self.pad_id)
             out[rows] = np.asarray(self._encode(self.params, tokens, mask))[: len(rows)]
+            progress.update(len(rows))
+        progress.close()
         return out
 
     @property

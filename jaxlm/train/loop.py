@@ -205,7 +205,8 @@ def train(
                 evals[done] = evaluator(state.params, frozen)
                 logger.log(done, evals[done])
             if checkpointer is not None and (done % checkpoint_every == 0 or done == num_steps):
-                record(*pending)  # a checkpoint is never written past an unreported (maybe non-finite) step
+                if pending is not None:  # an eval at this step already reported it
+                    record(*pending)  # a checkpoint is never written past an unreported (maybe non-finite) step
                 pending = None
                 checkpointer.save(done, state, iterator.state())
         if pending is not None:

@@ -115,6 +115,8 @@ def phase_eval(work: Path, seed: int, names: list[str]) -> None:
             continue
         evaluator = RewriteEval(rules=rules, base=base, batch_size=64, **kw)
         engine = engine or evaluator.load_engine()
+        log.append(log.pending(rows))  # the demo's rows and each finished one: a killed eval redoes only the rest
+        rows = []
         scores = evaluator.score(engine, evaluator.heldout_tasks(), kw["methods"][0])
         rows.append({"study": "rewrite", "seed": seed, "method": method, "exact_match": round(scores.exact_match, 2),
                      "target_nll": round(scores.target_nll, 4)})
