@@ -62,7 +62,7 @@ def test_progress_bars_on_a_terminal_only(tiny_dir, tmp_path, capsys, monkeypatc
     monkeypatch.setenv("JAXLM_PROGRESS", "1")
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert f"score: 100%" in err and f"{len(ROWS)}/{len(ROWS)}" in err and "tensor" in err  # lines, then tensors
+    assert "score: 100%" in err and f"{len(ROWS)}/{len(ROWS)}" in err and "tensor" in err  # lines, then tensors
     monkeypatch.delenv("JAXLM_PROGRESS")
     assert main(args) == 0  # captured stderr is not a TTY
     err = capsys.readouterr().err
