@@ -250,10 +250,12 @@ def test_metrics_memory_is_bounded_on_200k_words(tmp_path):
     ref = " ".join(rng.choice(vocab) for _ in range(200_000))
     path = tmp_path / "preds.jsonl"
     path.write_text(json_line({"prediction": pred, "references": [ref], "task": "t"}))
-    # `jaxlm metrics` in a fresh process that reports its own peak RSS (RUSAGE_CHILDREN would include
-    # every earlier child of this pytest process)
-    measure = ("import resource, sys\nfrom jaxlm.cli import main\nstatus = main(sys.argv[1:])\n"
-               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(status)")
+    # `jaxlm metrics` in a fresh process that reports its own peak RSS: VmHWM of its own address space
+    # (ru_maxrss would not do: RUSAGE_CHILDREN includes every earlier child of this pytest process, and
+    # Linux carries RUSAGE_SELF's maximum across exec, i.e. the forked copy of a large pytest process)
+    measure = ("import re, sys\nfrom jaxlm.cli import main\nstatus = main(sys.argv[1:])\n"
+               "status_text = open('/proc/self/status').read()\n"
+               "print(re.search(r'VmHWM:\\s+(\\d+) kB', status_text).group(1), file=sys.stderr)\nsys.exit(status)")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", measure, "metrics", "--input", str(path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
