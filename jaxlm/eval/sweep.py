@@ -362,7 +362,7 @@ def _compiles(engine: Any) -> int:
 def _progress(total: int, enabled: bool) -> Any:
     from jaxlm.progress import bar
 
-    return bar(total, "eval cells", "cell", show=enabled)
+    return bar(total, "eval cells", "cell", show=None if enabled else False)  # a terminal only, as elsewhere
 
 
 def run_from_gin(workdir: str | Path) -> dict[str, Any]:
