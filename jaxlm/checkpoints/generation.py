@@ -8,12 +8,11 @@ asked to generate, every field that would change greedy output (`fields.GENERATI
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from jaxlm.checkpoints.fields import refuse
-from jaxlm.checkpoints.hf import CheckpointError
+from jaxlm.checkpoints.hf import CheckpointError, read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 TABLE = "generation_config.json"
@@ -63,12 +62,7 @@ def read_generation_config(directory: str | Path) -> GenerationConfig | None:
     file = Path(directory) / GENERATION_CONFIG_NAME
     if not file.is_file():
         return None
-    try:
-        values = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(values).__name__}")
+    values = read_json_object(file)
     eos = values.get("eos_token_id")
     ok = eos is None or _is_id(eos) or isinstance(eos, list) and all(_is_id(e) for e in eos)
     if not ok:

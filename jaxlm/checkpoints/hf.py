@@ -25,6 +25,21 @@ class CheckpointError(JaxlmError):
     """A weight directory or file that cannot be read; the message names the file and field."""
 
 
+
+def read_json_object(file: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in `file` (config.json, generation_config.json, adapter_config.json, ...).
+
+    Raises:
+      CheckpointError: the file is not valid UTF-8 JSON or not an object (one line naming the file).
+    """
+    try:
+        values = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(values).__name__}")
+    return values
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed `config.json` of a HF directory.
 
@@ -34,12 +49,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{cfg}: missing (a Hugging Face model directory needs config.json)")
-    try:
-        values = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{cfg}: expected a JSON object, got {type(values).__name__}")
+    values = read_json_object(cfg)
     archs = values.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise CheckpointError(f"{cfg}: field 'architectures' = {archs!r} must be a list of strings")

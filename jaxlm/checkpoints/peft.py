@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaxlm.checkpoints.fields import refuse
-from jaxlm.checkpoints.hf import CheckpointError, flatten, read_safetensors_file, unflatten
+from jaxlm.checkpoints.hf import CheckpointError, flatten, read_json_object, read_safetensors_file, unflatten
 from jaxlm.checkpoints.pretrained import Pretrained, family
 from jaxlm.files import write_dir_atomically
 from jaxlm.models.lora import LoraWeights
@@ -148,12 +148,7 @@ def export_peft_adapter(
 
 
 def _read_config(cfg_file: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_file}: expected a JSON object")
+    cfg = read_json_object(cfg_file)
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise CheckpointError(f"{cfg_file}: field {key!r} is missing")

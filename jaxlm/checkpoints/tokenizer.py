@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from jaxlm.checkpoints.hf import CheckpointError
+from jaxlm.checkpoints.hf import CheckpointError, read_json_object
 
 # llama.cpp pre-tokenizer names -> split regexes applied before byte-level BPE. "smollm" splits digits
 # one by one, then the GPT-2 pattern (as SmolLM2's own tokenizer.json does).
@@ -165,12 +165,7 @@ class Tokenizer:
         cfg_file = path / "tokenizer_config.json"
         cfg: dict[str, Any] = {}
         if cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-            if not isinstance(cfg, dict):
-                raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+            cfg = read_json_object(cfg_file)
         model_config = model_config or {}
 
         def token_id(key: str) -> int | None:
