@@ -307,15 +307,20 @@ def test_method_config_errors():
 class StubHypernet:
     """Stands in for a loaded TAGI hypernetwork: one fixed adapter per instruction, calls counted."""
 
-    def __init__(self, by_instruction, rank, alpha):
+    def __init__(self, by_instruction, rank, alpha, prefix_fusion=False, tokenizer=None):
         self.by_instruction, self.rank, self.alpha, self.calls = by_instruction, rank, alpha, []
         self.instruction_format = {"codec": "bytes", "teacher_format": "def", "student_format": "query"}
+        self.prefix_fusion, self.tokenizer = prefix_fusion, tokenizer
+        self.config = type("Config", (), {"fusion": prefix_fusion})()
 
-    def adapters(self, instructions):
+    def adapters(self, instructions, max_tokens=None):
         from jaxlm.models import lora as lora_lib
 
         self.calls.append(list(instructions))
         return lora_lib.stack([lora_lib.LoraWeights(self.by_instruction[i], self.rank, self.alpha) for i in instructions])
+
+    def tokenize(self, instruction, max_tokens=None):
+        return self.tokenizer.encode(instruction, add_special_tokens=False)[:max_tokens]
 
 
 def test_generated_adapters_run_once_per_task_and_are_cached_on_disk(tiny, load, tmp_path):
@@ -347,17 +352,92 @@ def test_generated_adapters_run_once_per_task_and_are_cached_on_disk(tiny, load,
                                                       for g in direct]
 
 
-def test_adapter_method_refuses_a_fusion_hypernetwork(monkeypatch):
-    """The sweep scores bare inputs; a hypernetwork trained with fusion would silently lose its instruction."""
+def test_fusion_hypernet_adapter_reads_the_instruction_as_a_prompt_prefix(tiny, load, tmp_path):
+    """A decoder-only fusion hypernetwork: every prompt is [instruction tokens (cut as in training);
+    the query's tokens], run with the task's generated adapter, i.e. what training's cached prefix computes."""
+    from jaxlm.data.prompts import instruction_text
+    from jaxlm.eval.engine import Engine
+    from jaxlm.models import lora as lora_lib
+
+    task = load("superni", "test", (TOPIC,))[TOPIC]
+    spec = lora_lib.LoraSpec(("q_proj", "v_proj"), rank=2, alpha=4.0)
+    fresh = lora_lib.init_lora(spec, tiny.params, jax.random.PRNGKey(2))
+    params = jax.tree_util.tree_map(lambda x: x + 0.5, fresh.params)
+    instruction = instruction_text(task)
+    engine = Engine(tiny, batch_size=4)
+    ctx = methods.EvalContext(engine, tiny.tokenizer, load, max_new_tokens=4, max_source_length=128)
+    method = methods.Adapter(hypernet=str(tmp_path / "hyper"), max_instruction_tokens=24)
+    method._hypernet = StubHypernet({instruction: params}, spec.rank, spec.alpha, prefix_fusion=True,
+                                    tokenizer=tiny.tokenizer)
+    evaluated = task.instances[:3]
+    out = method.run(ctx, task, evaluated, (), 0)
+    prefix = tiny.tokenizer.encode(instruction, add_special_tokens=False)[:24]
+    assert method.prefix_ids(task) == prefix and len(prefix) == 24
+    ids = [prefix + tiny.tokenizer.encode(r["prompt"], add_special_tokens=False) for r in out.records]
+    lora = lora_lib.LoraWeights(params, spec.rank, spec.alpha)
+    stops = ctx.stop_ids("\n\n")
+    direct = [methods.cut_at(tiny.tokenizer.decode(g.output_ids), "\n\n") for g in engine.generate(ids, 4, stops, lora=lora)]
+    assert [r["prediction"] for r in out.records] == direct
+    bare = [g.output_ids for g in engine.generate([i[24:] for i in ids], 4, stops, lora=lora)]
+    assert [g.output_ids for g in engine.generate(ids, 4, stops, lora=lora)] != bare  # the prefix is read
+
+
+def test_cross_fitted_fold_teachers_score_each_instance_with_its_fold(tiny, load, tmp_path):
+    """fold_teachers: instances 0-1 with fold A's teacher, 2-3 with fold B's (each trained elsewhere);
+    an instance in no fold, overlapping folds and a malformed fold are refused by name."""
+    from jaxlm.eval.engine import Engine
+    from jaxlm.models import lora as lora_lib
+    from jaxlm.train.objectives import LoRATeachers
+
+    spec = lora_lib.LoraSpec(("q_proj", "v_proj"), rank=2, alpha=4.0)
+    teachers = LoRATeachers(model_config=tiny.config, lora=spec, num_tasks=1)
+    loras = []
+    for fold, seed in (("a", 3), ("b", 4)):
+        fresh = lora_lib.init_lora(spec, tiny.params, jax.random.PRNGKey(seed), batch_size=1)
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x, seed=seed: jax.random.normal(jax.random.PRNGKey(seed + len(p)), x.shape) * 3.0
+            if p[-1].key == "b" else x, fresh.params)
+        teachers.save_teachers(tmp_path / fold, params, [TOPIC], tiny)
+        loras.append(lora_lib.select(lora_lib.LoraWeights(params, spec.rank, spec.alpha), 0))
+    task = load("superni", "test", (TOPIC,))[TOPIC]
+    evaluated = task.instances[:4]
+    engine = Engine(tiny, batch_size=4)
+    ctx = methods.EvalContext(engine, tiny.tokenizer, load, max_new_tokens=5, max_source_length=128)
+    method = methods.Adapter(fold_teachers=((str(tmp_path / "b"), 2, 4), (str(tmp_path / "a"), 0, 2)))
+    out = method.run(ctx, task, evaluated, (), 0)
+    ids = [tiny.tokenizer.encode(i.input.strip())[:128] for i in evaluated]
+    stops = ctx.stop_ids("\n\n")
+    expect = [methods.cut_at(tiny.tokenizer.decode(g.output_ids), "\n\n")
+              for lora, rows in ((loras[0], ids[:2]), (loras[1], ids[2:])) for g in engine.generate(rows, 5, stops, lora=lora)]
+    assert [r["prediction"] for r in out.records] == expect
+    assert [r["id"] for r in out.records] == [i.id for i in evaluated]
+    swapped = [methods.cut_at(tiny.tokenizer.decode(g.output_ids), "\n\n")
+               for lora, rows in ((loras[1], ids[:2]), (loras[0], ids[2:])) for g in engine.generate(rows, 5, stops, lora=lora)]
+    assert swapped != expect  # the fold decides the teacher
+    with pytest.raises(ConfigError, match="evaluated instance 4 of task .* is in no fold"):
+        method.run(ctx, task, task.instances[:5], (), 0)
+    with pytest.raises(ConfigError, match="overlap"):
+        methods.Adapter(fold_teachers=(("a", 0, 3), ("b", 2, 4)))
+    with pytest.raises(ConfigError, match=r"is not \(teachers dir, first, stop\)"):
+        methods.Adapter(fold_teachers=(("a", 3, 1),))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        methods.Adapter(teachers="t", fold_teachers=(("a", 0, 3),))
+
+
+def test_adapter_method_refuses_an_encoder_decoder_fusion_hypernetwork(monkeypatch):
+    """T5 fusion joins instruction states to the encoder output, which the sweep does not feed: refused
+    by name rather than silently losing the instruction. Decoder-only fusion (a prompt prefix) is fed."""
     import types
 
     from jaxlm.checkpoints import hypernet as hypernet_lib
     from jaxlm.errors import ConfigError
     from jaxlm.eval.methods import Adapter
 
-    fake = types.SimpleNamespace(config=types.SimpleNamespace(fusion=True))
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(fusion=True), prefix_fusion=False)
     monkeypatch.setattr(hypernet_lib, "load_hypernet", lambda path: fake)
-    with pytest.raises(ConfigError, match="Adapter.hypernet runs/h: trained with instruction fusion"):
+    with pytest.raises(ConfigError, match="Adapter.hypernet runs/h: trained with encoder-decoder instruction fusion"):
         Adapter(hypernet="runs/h").loaded_hypernet()
-    fake.config.fusion = False
+    fake.prefix_fusion = True
+    assert Adapter(hypernet="runs/h").loaded_hypernet() is fake
+    fake.config.fusion, fake.prefix_fusion = False, False
     assert Adapter(hypernet="runs/h").loaded_hypernet() is fake

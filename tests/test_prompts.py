@@ -166,3 +166,18 @@ def test_truncation_keeps_first_tokens_and_bad_format_is_usage_error(superni, sm
     assert set(FORMATS) >= {"def", "def_pos2", "none", "instruction", "fewshot", "bigbench"}
     with pytest.raises(UsageError, match="'def_pos3'"):
         format_prompt(task, task.instances[0], "def_pos3")
+
+
+def test_query_format_is_the_tagi_student_input_and_def_without_its_definition(superni):
+    """`query` is the Tk query alone: exactly what TAGI's student rows read (task_examples, student
+    format "query"), and the `def` prompt is the definition block followed by it."""
+    from jaxlm.data.tagi_tasks import task_examples
+
+    task = superni[CLARIQ]
+    inst = task.instances[0]
+    query = format_prompt(task, inst, "query")
+    x = inst.input.strip()
+    assert query == "Now complete the following example -\nInput: " + x + ("" if x[-1] in string.punctuation else ".") + \
+        "\nOutput: "
+    assert task_examples(task, student_format="query")[0][0] == query
+    assert format_prompt(task, inst, "def").endswith("\n\n" + query)

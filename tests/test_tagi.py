@@ -263,6 +263,31 @@ def test_cached_topk_teacher_with_k_equal_v_matches_in_step_kl(tmp_path):
     np.testing.assert_allclose(float(m_topk["loss_kl"]), float(m_step["loss_kl"]), rtol=2e-4, atol=1e-7)
 
 
+def test_cached_topk_teacher_keeps_the_last_max_input_len_tokens(tmp_path):
+    """write_teacher_topk(max_input_len=m) reads the teacher row cut as the batches cut it: the last m
+    input tokens, then the target; the cached top-k equals the model's own on that row."""
+    from jaxlm.checkpoints.pretrained import Pretrained
+    from jaxlm.train.tagi import write_teacher_topk
+
+    _, frozen = _objective().init(jax.random.PRNGKey(0))
+    teacher = Pretrained("llama", TINY, frozen["base"], None, "tiny")
+    task = tt.rewrite_tagi_tasks(RULES)[0]
+    ids, logp, valid = tb.load_teacher_topk(write_teacher_topk(
+        tmp_path / "topk.npz", [task], teacher, k=5, max_targets=4, batch_size=2, max_input_len=3))[task.name]
+    inp, tgt = task.teacher.inputs(0), task.teacher.targets(0)
+    assert len(inp) > 3
+    t = min(len(tgt), 4)
+    row = jnp.asarray(np.concatenate([inp[-3:], tgt])[None])
+    full = jax.nn.log_softmax(teacher.model.apply({"params": frozen["base"]}, row, None)[0, 2:2 + t], axis=-1)
+    values, index = jax.lax.top_k(full, 5)
+    np.testing.assert_allclose(logp[0, :t], np.asarray(values), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ids[0, :t], np.asarray(index))
+    np.testing.assert_array_equal(valid[0], [1.0] * t + [0.0] * (4 - t))
+    uncut = tb.load_teacher_topk(write_teacher_topk(tmp_path / "uncut.npz", [task], teacher, k=5, max_targets=4,
+                                                    batch_size=2))[task.name]
+    assert not np.allclose(uncut[1][0, :t], logp[0, :t])  # the cut changes the teacher's context
+
+
 def test_t5_with_instruction_fusion_trains_and_paper_config_builds():
     """Encoder-decoder path: grouped encoder/decoder rows, fused instruction states, in-step KL; and
     the paper-faithful gin (frozen T5, LoRA r32 on q/v, fusion) builds its objective."""

@@ -184,28 +184,39 @@ class Hypernet:
         recorded in hypernet.json.)"""
         return int(self._encoder_positions or DEFAULT_LENGTH_BUCKETS[-1])
 
-    def tokenize(self, instruction: str) -> list[int]:
-        """The codec ids of `instruction`, cut to `max_instruction_tokens` (the first ones kept, as
-        training cuts them).
+    def tokenize(self, instruction: str, max_tokens: int | None = None) -> list[int]:
+        """The codec ids of `instruction`, the first ones kept, as training cuts them.
+
+        Args:
+          instruction: the instruction text.
+          max_tokens: the cut; None = `max_instruction_tokens`. Pass the training data's own cut
+            (tagi_data.max_instruction_len) when it was shorter, so the hypernetwork (and a fusion
+            prefix) reads what it was trained on.
+
+        Returns:
+          At most min(max_tokens, max_instruction_tokens) token ids.
 
         Raises:
-          ValueError: the instruction encodes to no tokens.
+          ValueError: the instruction encodes to no tokens, or max_tokens < 1.
         """
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         ids = self.codec.encode(instruction)
         if not ids:
             raise ValueError("empty instruction")
-        return ids[: self.max_instruction_tokens]
+        return ids[: min(self.max_instruction_tokens, max_tokens or self.max_instruction_tokens)]
 
-    def adapters(self, instructions: Sequence[str]) -> LoraWeights:
-        """One adapter per instruction, leaves (N, ...): the hypernetwork runs once per instruction,
-        in padded batches of `batch_size` (bucketed lengths: a few compiled shapes)."""
-        return self.emit_lora(instructions)[0]
+    def adapters(self, instructions: Sequence[str], max_tokens: int | None = None) -> LoraWeights:
+        """One adapter per instruction, leaves (N, ...): the hypernetwork runs once per instruction
+        (cut as `tokenize(instruction, max_tokens)`), in padded batches of `batch_size` (bucketed
+        lengths: a few compiled shapes)."""
+        return self.emit_lora(instructions, max_tokens)[0]
 
-    def emit_lora(self, instructions: Sequence[str]) -> tuple[LoraWeights, Any]:
+    def emit_lora(self, instructions: Sequence[str], max_tokens: int | None = None) -> tuple[LoraWeights, Any]:
         """(adapters, fused instruction states or None): the states only for encoder-decoder fusion."""
         if not instructions:
             raise ValueError("adapters() needs at least one instruction")
-        rows = [self.tokenize(t) for t in instructions]
+        rows = [self.tokenize(t, max_tokens) for t in instructions]
         loras, fused = [], []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]

@@ -11,7 +11,9 @@ Formats
                "Now complete the following example -\\nInput: {x}.\\nOutput: ".
                Every "." above is added only when the text before it does not already end in
                `string.punctuation`; definition, inputs and outputs are `.strip()`ped first.
-  none         the instance input alone (what a hypernetwork's student model sees).
+  none         the instance input alone.
+  query        the Tk query alone, "Now complete the following example -\\nInput: {x}.\\nOutput: ": no
+               instruction, what a TAGI hypernetwork's student reads (student_format "query").
   instruction  the instruction alone (`instruction_text(task)`), whatever the instance.
   fewshot      k in-task demonstrations then the input, no definition:
                "Input: {x1}\\nOutput: {y1}\\n\\n...Input: {x}\\nOutput: ".
@@ -37,7 +39,7 @@ from typing import Callable, Sequence
 from jaxlm.data.schema import Demo, Instance, TaskData
 from jaxlm.errors import UsageError
 
-FORMATS = ("def", "def_pos2", "none", "instruction", "fewshot", "bigbench")
+FORMATS = ("def", "def_pos2", "none", "query", "instruction", "fewshot", "bigbench")
 
 MAX_SOURCE_LENGTH = 1024  # Tk-Instruct's source budget (tokens)
 
@@ -130,6 +132,8 @@ def format_prompt(task: TaskData, instance: Instance, fmt: str, *, num_shots: in
         return definition + "".join(_tk_examples(definition, pool, query, count_tokens, max_source_length)) + query
     if fmt == "none":
         return instance.input.strip()
+    if fmt == "query":
+        return tk_query(instance.input)
     if fmt == "instruction":
         return instruction_text(task)
     if fmt == "fewshot":

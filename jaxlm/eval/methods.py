@@ -20,8 +20,10 @@ Methods (gin-configurable; `name` labels the rows of a sweep's tables)
   PseudoLabels(...)  a few unlabelled target inputs labelled by majority vote over the sources'
                      one-shot predictions, then shown as in-task demos in every source's prompt.
   Adapter(...)       no instruction in the input; one LoRA per task: a teacher (`teachers/` dir from
-                     `LoRATeachers.save_teachers`) or generated from the instruction by a hypernetwork
-                     (`jaxlm.checkpoints.hypernet.load_hypernet`, run once per task, cached on disk).
+                     `LoRATeachers.save_teachers`; or cross-fitted folds of teachers, each scored only on
+                     instances it was not trained on) or generated from the instruction by a hypernetwork
+                     (`jaxlm.checkpoints.hypernet.load_hypernet`, run once per task, cached on disk; a
+                     decoder-only fusion hypernetwork also reads the instruction as a cached prefix).
 """
 
 from __future__ import annotations
@@ -90,9 +92,16 @@ class EvalContext:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
-    def prompt_ids(self, text: str) -> list[int]:
-        """Tk-Instruct's truncation: the first `max_source_length` tokens."""
-        return self.tokenize(text)[: self.max_source_length]
+    def prompt_ids(self, text: str, prefix_ids: Sequence[int] | None = None) -> list[int]:
+        """Tk-Instruct's truncation: the first `max_source_length` tokens.
+
+        With `prefix_ids` (a decoder-only fusion hypernetwork's instruction tokens, read as a prefix of
+        every prompt as in training): those ids, then the text's own tokens without special tokens (the
+        student rows of TAGI training carry none), cut to `max_source_length`.
+        """
+        if prefix_ids is None:
+            return self.tokenize(text)[: self.max_source_length]
+        return [*prefix_ids, *self.tokenizer.encode(text, add_special_tokens=False)[: self.max_source_length]]
 
     def get_embedder(self) -> Any:
         if self.embedder is None:
@@ -112,23 +121,26 @@ class EvalContext:
         return self._stops[stop]
 
     def answer(self, task: TaskData, instances: Sequence[Instance], texts: Sequence[str], *,
-               stop: str = BLANK_LINE, lora: Any = None) -> list[dict[str, Any]]:
+               stop: str = BLANK_LINE, lora: Any = None, prefix_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """One record per instance: generated (cut by `cut_at(text, stop)`) or, for multiple choice, the
         best-ranked option by `rank_normalization`; a multiple-choice record carries every option's
         summed log-prob ("option_logprobs"), per-token mean ("option_logprobs_mean") and per-UTF-8-byte
         score ("option_logprobs_per_byte", lm-evaluation-harness's acc_norm) side by side. Decoding itself stops at a blank line either way: a LINE answer may open
-        with a newline ("Output: \\n yes"), so a token-level newline stop would end it empty."""
+        with a newline ("Output: \\n yes"), so a token-level newline stop would end it empty.
+        `prefix_ids` go before every prompt's tokens (`prompt_ids`); the engine's prefix cache computes
+        them once."""
         records: list[dict[str, Any] | None] = [None] * len(instances)
         free = [i for i, inst in enumerate(instances) if not inst.is_multiple_choice]
         mc = [i for i, inst in enumerate(instances) if inst.is_multiple_choice]
         if free:
-            outs = self.engine.generate([self.prompt_ids(texts[i]) for i in free], self.max_new_tokens,
+            outs = self.engine.generate([self.prompt_ids(texts[i], prefix_ids) for i in free], self.max_new_tokens,
                                         self.stop_ids(BLANK_LINE), lora=lora)
             for i, out in zip(free, outs):
                 text = self.tokenizer.decode(out.output_ids)
                 records[i] = _record(task, instances[i], texts[i], cut_at(text, stop))
         if mc:
-            scores = self.rank([texts[i] for i in mc], [instances[i].options for i in mc], lora=lora)
+            scores = self.rank([texts[i] for i in mc], [instances[i].options for i in mc], lora=lora,
+                               prefix_ids=prefix_ids)
             for i, s in zip(mc, scores):
                 opts = instances[i].options
                 ways = {"sum": [float(x) for x in s],
@@ -142,9 +154,10 @@ class EvalContext:
                               "option_scores": list(instances[i].option_scores)}
         return records  # type: ignore[return-value]
 
-    def rank(self, texts: Sequence[str], options: Sequence[Sequence[str]], lora: Any = None) -> list[list[float]]:
+    def rank(self, texts: Sequence[str], options: Sequence[Sequence[str]], lora: Any = None,
+             prefix_ids: Sequence[int] | None = None) -> list[list[float]]:
         """Sum log-prob of each option's tokens after its prompt (`Engine.rank_classify`)."""
-        inputs = [self.prompt_ids(t) for t in texts]
+        inputs = [self.prompt_ids(t, prefix_ids) for t in texts]
         option_ids = [[self.option_ids(o) for o in opts] for opts in options]
         return self.engine.rank_classify(inputs, option_ids, lora=lora)
 
@@ -396,36 +409,71 @@ class Adapter(Method):
     generates from the task's instruction (once per task, cached under `cache_dir`, default
     `<workdir>/adapters/<hypernet digest>/<task>.msgpack`).
 
+    Set exactly one of
+      teachers       a `teachers/` dir (`LoRATeachers.save_teachers`): the task's teacher for every instance;
+      fold_teachers  cross-fitted teachers, ((teachers dir, first, stop), ...): evaluated instances
+                     first..stop-1 (their place among the task's evaluated instances) use that dir's
+                     teacher, which the user trained on the task's OTHER instances (e.g. two folds of
+                     50: a teacher is never scored on an instance it was trained on); every evaluated
+                     instance must fall in one fold;
+      hypernet       a hypernetwork (`load_hypernet`). One trained with decoder-only fusion also reads
+                     the instruction's tokens as a prefix of every prompt, as in training (the engine's
+                     prefix cache computes it once per task); encoder-decoder fusion is refused.
+
     input_format: "none" (the bare input) or "query" (Tk's "Now complete the following example -
     Input: ... Output: "); None = what the hypernetwork's student saw in training, else "none". The
-    hypernetwork reads the instruction as it did in training (`jaxlm.data.tagi_tasks.instruction_for`).
+    hypernetwork reads the instruction as it did in training (`jaxlm.data.tagi_tasks.instruction_for`),
+    cut to `max_instruction_tokens` (None: the encoder's limit; bind the training data's
+    tagi_data.max_instruction_len when that was shorter).
     """
 
     teachers: str | None = None
+    fold_teachers: Sequence[Sequence[Any]] | None = None
     hypernet: str | None = None
     input_format: str | None = None
     cache_dir: str | None = None
+    max_instruction_tokens: int | None = None
     name: str = "adapter"
-    _teachers: Any = dataclasses.field(default=None, repr=False)
+    _teachers: dict = dataclasses.field(default_factory=dict, repr=False)
     _hypernet: Any = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if (self.teachers is None) == (self.hypernet is None):
-            raise ConfigError("Adapter: set exactly one of Adapter.teachers (a teachers/ dir) or Adapter.hypernet")
+        if sum(x is not None for x in (self.teachers, self.fold_teachers, self.hypernet)) != 1:
+            raise ConfigError("Adapter: set exactly one of Adapter.teachers (a teachers/ dir), Adapter.fold_teachers "
+                              "or Adapter.hypernet")
         if self.input_format not in (None, "none", "query"):
             raise ConfigError(f"Adapter.input_format {self.input_format!r}: expected 'none' or 'query'")
+        if self.max_instruction_tokens is not None and self.max_instruction_tokens < 1:
+            raise ConfigError(f"Adapter.max_instruction_tokens={self.max_instruction_tokens}: must be >= 1")
+        if self.fold_teachers is not None:
+            folds = []
+            for fold in self.fold_teachers:
+                if (not isinstance(fold, (tuple, list)) or len(fold) != 3 or not all(isinstance(x, int) for x in fold[1:])
+                        or not 0 <= fold[1] < fold[2]):
+                    raise ConfigError(f"Adapter.fold_teachers: {fold!r} is not (teachers dir, first, stop) with "
+                                      "0 <= first < stop")
+                folds.append((str(fold[0]), int(fold[1]), int(fold[2])))
+            spans = sorted((a, b) for _, a, b in folds)
+            if not spans or any(b > a2 for (_, b), (a2, _) in zip(spans, spans[1:])):
+                raise ConfigError(f"Adapter.fold_teachers: the instance ranges {spans} are empty or overlap")
+            self.fold_teachers = tuple(folds)
+
+    def _teacher(self, ctx: EvalContext, directory: str, task: TaskData) -> Any:
+        if directory not in self._teachers:
+            from jaxlm.checkpoints.teachers import load_teachers
+
+            self._teachers[directory] = load_teachers(directory, ctx.engine.pretrained)
+        names, stacked = self._teachers[directory]
+        if task.name not in names:
+            raise DataError(f"Adapter teachers {directory}: no teacher for task {task.name!r} (has {names})")
+        return lora_lib.select(stacked, names.index(task.name))
 
     def adapter_for(self, ctx: EvalContext, task: TaskData) -> Any:
+        """The task's LoRA: its teacher (`teachers`) or the hypernetwork's adapter (`hypernet`)."""
         if self.teachers is not None:
-            if self._teachers is None:
-                from jaxlm.checkpoints.teachers import load_teachers
-
-                names, stacked = load_teachers(self.teachers, ctx.engine.pretrained)
-                self._teachers = (names, stacked)
-            names, stacked = self._teachers
-            if task.name not in names:
-                raise DataError(f"Adapter.teachers {self.teachers}: no teacher for task {task.name!r} (has {names})")
-            return lora_lib.select(stacked, names.index(task.name))
+            return self._teacher(ctx, self.teachers, task)
+        if self.hypernet is None:
+            raise ConfigError("Adapter.fold_teachers: one teacher per fold, not per task (use run())")
         return self._generated(ctx, task)
 
     def _generated(self, ctx: EvalContext, task: TaskData) -> Any:
@@ -433,16 +481,14 @@ class Adapter(Method):
 
         cache = None
         if self.cache_dir or ctx.workdir:
-            key = hashlib.sha1(str(Path(self.hypernet).resolve()).encode()).hexdigest()[:16]
+            key = hashlib.sha1(f"{Path(self.hypernet).resolve()}|{self.max_instruction_tokens}".encode()).hexdigest()[:16]
             root = Path(self.cache_dir) if self.cache_dir else Path(ctx.workdir) / "adapters"
             cache = root / key / (re.sub(r"[^A-Za-z0-9._-]+", "_", task.name) + ".msgpack")
             if cache.is_file():
                 raw = serialization.msgpack_restore(cache.read_bytes())
                 return lora_lib.LoraWeights(raw["params"], int(raw["rank"]), float(raw["alpha"]))
-        from jaxlm.data.tagi_tasks import instruction_for
-
         hyper = self.loaded_hypernet()
-        lora = hyper.adapters([instruction_for(task, hyper.instruction_format["teacher_format"])])
+        lora = hyper.adapters([self.instruction(task)], self.max_instruction_tokens)
         lora = lora_lib.select(lora, 0) if lora.batched else lora
         if cache is not None:
             from jaxlm.files import write_atomically
@@ -452,6 +498,18 @@ class Adapter(Method):
                 serialization.to_state_dict(doc))), binary=True)
         return lora
 
+    def instruction(self, task: TaskData) -> str:
+        """What the hypernetwork reads for `task`, as in its training (`instruction_for`)."""
+        from jaxlm.data.tagi_tasks import instruction_for
+
+        return instruction_for(task, self.loaded_hypernet().instruction_format["teacher_format"])
+
+    def prefix_ids(self, task: TaskData) -> list[int] | None:
+        """The instruction tokens read before every prompt (a decoder-only fusion hypernetwork), else None."""
+        if self.hypernet is None or not self.loaded_hypernet().prefix_fusion:
+            return None
+        return self.loaded_hypernet().tokenize(self.instruction(task), self.max_instruction_tokens)
+
     def loaded_hypernet(self) -> Any:
         if self._hypernet is None:
             try:
@@ -460,19 +518,33 @@ class Adapter(Method):
                 raise UsageError(f"Adapter.hypernet needs jaxlm.checkpoints.hypernet (not available: {e}); "
                                  "use Adapter.teachers for trained teachers") from None
             hyper = load_hypernet(self.hypernet)
-            if hyper.config.fusion:  # the sweep scores bare inputs: the fused instruction would be dropped
-                raise ConfigError(f"Adapter.hypernet {self.hypernet}: trained with instruction fusion "
+            if hyper.config.fusion and not hyper.prefix_fusion:  # T5: fused encoder states, not a prompt prefix
+                raise ConfigError(f"Adapter.hypernet {self.hypernet}: trained with encoder-decoder instruction fusion "
                                   "(hypernet.json hypernet.fusion), which the eval sweep's adapter method does not "
-                                  "feed; evaluate it with jaxlm.eval.rewrite.RewriteEval (string rewrites) or "
-                                  "retrain with HypernetConfig.fusion = False")
+                                  "feed (it joins instruction states to the encoder output); retrain with "
+                                  "HypernetConfig.fusion = False")
             self._hypernet = hyper
         return self._hypernet
 
     def run(self, ctx, task, instances, pool, seed):
-        lora = self.adapter_for(ctx, task)
         fmt = self.input_format
         if fmt is None:
             fmt = self.loaded_hypernet().instruction_format["student_format"] if self.hypernet else "none"
         texts = [prompts.tk_query(inst.input) if fmt == "query" else prompts.format_prompt(task, inst, "none")
                  for inst in instances]
-        return MethodOutput(ctx.answer(task, instances, texts, lora=lora))
+        if self.fold_teachers is None:
+            return MethodOutput(ctx.answer(task, instances, texts, lora=self.adapter_for(ctx, task),
+                                           prefix_ids=self.prefix_ids(task)))
+        records: list[dict[str, Any] | None] = [None] * len(instances)
+        for directory, first, stop in self.fold_teachers:
+            span = range(first, min(stop, len(instances)))
+            if span:
+                lora = self._teacher(ctx, directory, task)
+                for i, record in zip(span, ctx.answer(task, [instances[i] for i in span], [texts[i] for i in span],
+                                                      lora=lora)):
+                    records[i] = record
+        missing = [i for i, r in enumerate(records) if r is None]
+        if missing:
+            raise ConfigError(f"Adapter.fold_teachers {[f[1:] for f in self.fold_teachers]}: evaluated instance "
+                              f"{missing[0]} of task {task.name!r} is in no fold ({len(instances)} evaluated)")
+        return MethodOutput(records, info={"fold_teachers": [f[0] for f in self.fold_teachers]})

@@ -538,13 +538,17 @@ class TAGIDistillation(LanguageModel):
 
 
 def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, k: int = 32,
-                       max_targets: int = 128, batch_size: int = 8, lora: LoraWeights | None = None) -> Path:
+                       max_targets: int = 128, batch_size: int = 8, lora: LoraWeights | None = None,
+                       max_input_len: int | None = None) -> Path:
     """Precompute a (large) decoder-only teacher's top-k log-probs at each target token of every
     example, reading the teacher rows (instruction in context) of `tasks` (jaxlm.data.tagi_tasks.TagiTask), and
     save them as ONE `.npz` (never JSON): per task `<task>/ids`, `<task>/logprobs` (N, max_targets, k)
     and `<task>/valid` (N, max_targets). Training then reads them through
     `tagi_batches.load_teacher_topk` -> `TagiBatches(teacher_topk=...)` and `losses.topk_kl_distillation`,
-    with no teacher forward in the step (nor in data loading)."""
+    with no teacher forward in the step (nor in data loading).
+
+    max_input_len: a teacher input longer than this keeps its LAST max_input_len tokens (the batches'
+    rule, jaxlm.data.batches), None keeps it whole."""
     from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length, pad_rows
     from jaxlm.files import write_atomically
 
@@ -572,6 +576,8 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
             rows, gathers = [], []
             for e in range(start, min(n, start + batch_size)):
                 inp, tgt = task.teacher.inputs(e), task.teacher.targets(e)
+                if max_input_len is not None and len(inp) > max_input_len:
+                    inp = inp[len(inp) - max_input_len:]
                 t = min(len(tgt), max_targets)
                 rows.append(np.concatenate([inp, tgt]).tolist())
                 gathers.append([len(inp) - 1 + j for j in range(t)] + [0] * (max_targets - t))

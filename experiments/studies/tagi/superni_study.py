@@ -1,134 +1,152 @@
-"""TAGI with SmolLM2-135M-Instruct on Super-NI: training tasks -> test tasks, ROUGE-L of four methods.
+"""TAGI with SmolLM2-135M-Instruct on Super-NI: training tasks on disk -> every test task on disk.
 
-  python experiments/studies/tagi/superni_study.py --workdir runs/tagi_superni [--phases teachers,tagi,eval]
+  python experiments/studies/tagi/superni_study.py --workdir runs/tagi_superni
+      [--phases topk,teachers,tagi,tagi_fusion,eval] [--steps 500] [--train_instances 10] ...
 
-A few-step CPU version of jaxlm/configs/tagi/smollm2_superni.gin (budgets below are bindings):
-  teachers  oracle LoRA teachers of the EVALUATED test tasks, trained on those tasks' instances
-            after the evaluated ones (LoRATeachers, student rows = Tk query without instruction)
-  tagi      stage 2 only (no pretraining, no L_ins: no training-task teachers at this budget),
-            L_ce + L_kl from the base reading the def_pos2 prompt, on the Super-NI training tasks
-  eval      greedy (stop at a blank line) on the first N instances of each test task:
-            (a) Tk query alone, (b) def_pos2 prompt, (c) the task's LoRA teacher + query,
-            (d) the hypernetwork's adapter for the task's instruction + query; Super-NI ROUGE-L
-            (jaxlm.eval.metrics, default track) and exact match; one line per (task, method) appended
-            to WORK/results.jsonl (`jaxlm.jsonl.ResultsLog`).
+The base is frozen; the hypernetwork (jaxlm/configs/tagi/smollm2_superni.gin: width heads, the base's
+own hidden states as instruction encoder, LoRA r8 on q/k/v/o) is trained with stage 2 only
+(L_ce + L_kl; no stage 1 and no L_ins at this budget, see docs/results.md) on the Super-NI training
+tasks on disk. Phases (each skipped when its output exists; a stopped training phase resumes from
+its last checkpoint):
+  topk         the KL teacher (the base reading the def_pos2 prompt) once over every training row:
+               top-k log-probs at each target token -> WORK/teacher_topk.npz
+               (`jaxlm.train.tagi.write_teacher_topk`), so a training step runs no teacher forward
+  teachers     per-task LoRA teachers of the 16 test tasks, cross-fitted on their 100 instances:
+               WORK/teachers_a trained on instances 50-99 (scores 0-49), WORK/teachers_b on 0-49
+               (scores 50-99): no teacher is scored on an instance it was trained on
+  tagi         (d) stage 2 without fusion -> WORK/tagi/stage2/hypernet
+  tagi_fusion  (d') stage 2 with decoder-only fusion (the instruction as a cached prefix)
+               -> WORK/tagi_fusion/stage2/hypernet
+  eval         the eval sweep (experiments/studies/tagi/superni_eval.gin) in WORK/eval: (a) the Tk
+               query alone, (b) `def` and `def_pos2` in context, (c) the cross-fitted teachers, (d)
+               and (d') the hypernetworks' adapters, on the first 100 instances of every test task,
+               official ROUGE-L per category (WORK/eval/summary.md, results.json)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-DATA = str(REPO.parent / "shared" / "data" / "superni")
-EVAL_TASKS = tuple(sorted(("task033_winogrande_answer_generation", "task1393_superglue_copa_text_completion",
-                           "task1345_glue_qqp_question_paraprashing", "task670_ambigqa_question_generation")))
+GIN = "jaxlm/configs/tagi/smollm2_superni.gin"
+EVAL_GIN = "experiments/studies/tagi/superni_eval.gin"
+HALF = 50  # the cross-fitting folds: instances [0, 50) and [50, 100) of each test task
 
 
-def run_gin(files: list[str], bindings: list[str], workdir: Path) -> dict:
+def run_gin(files: list[str], bindings: list[str], workdir: Path) -> None:
     from jaxlm.experiment.gin_config import run_gin_files
 
     t = time.time()
     out = run_gin_files(files, bindings, workdir)
-    print(f"[{workdir.name}] {time.time() - t:.0f}s loss {out['loss']}", flush=True)
-    return out
+    print(f"[{workdir.name}] {time.time() - t:.0f}s loss {out.get('loss')}", flush=True)
 
 
-COMMON = [f"DATA_DIR = '{DATA}'", "train.log_every = 1", "train.checkpoint_every = None",
-          "tagi_data.max_input_len = 512", "tagi_data.max_target_len = 32", "tagi_data.max_instruction_len = 384",
-          "LoraSpec.targets = ('q_proj', 'v_proj')", "HypernetConfig.depth = 1"]
+def common(args: argparse.Namespace) -> list[str]:
+    """Bindings every training phase shares (lengths, data root, logging, checkpoints for resuming)."""
+    data = f"'{args.data_dir}'" if args.data_dir else "None"
+    return [f"DATA_DIR = {data}", f"tagi_data.max_input_len = {args.max_input_len}",
+            f"tagi_data.max_target_len = {args.max_target_len}",
+            f"tagi_data.max_instruction_len = {args.max_instruction_len}",
+            "train.log_every = 10", f"train.checkpoint_every = {args.checkpoint_every}"]
 
 
-def phase_teachers(work: Path, n_eval: int, steps: int) -> None:
-    if (work / "teachers" / "teachers" / "teachers.json").is_file():
+def phase_topk(work: Path, args: argparse.Namespace) -> None:
+    out = work / "teacher_topk.npz"
+    if out.is_file():
         return
-    run_gin(["jaxlm/configs/tagi/smollm2_superni.gin"], COMMON + [
-        "tagi_pipeline.stages = ('teachers',)", "teachers/tagi_data.part = 'test'",
-        f"teachers/tagi_data.names = {list(EVAL_TASKS)!r}", f"teachers/LoRATeachers.num_tasks = {len(EVAL_TASKS)}",
-        f"teachers/tagi_data.skip_instances = {n_eval}", "teachers/tagi_data.batch_size = 4",
-        f"teachers/tagi_data.tasks_per_batch = {len(EVAL_TASKS)}", f"NUM_STEPS = {steps}",
-        f"teachers/train.num_steps = {steps}", "LEARNING_RATE = 1e-3", "WARMUP_STEPS = 1"], work)
+    import jaxlm
+    from jaxlm.data.tagi_tasks import superni_tagi_tasks
+    from jaxlm.train.tagi import write_teacher_topk
+
+    t = time.time()
+    base = jaxlm.load_pretrained("smollm2-135m-instruct")
+    tasks = superni_tagi_tasks(args.data_dir, tokenizer="smollm2-135m-instruct", part="train",
+                               max_instances=args.train_instances)[: args.max_train_tasks]
+    write_teacher_topk(out, tasks, base, k=args.topk, max_targets=args.max_target_len, batch_size=8,
+                       max_input_len=args.teacher_input_len)
+    print(f"[topk] {len(tasks)} tasks x <= {args.train_instances} rows: {time.time() - t:.0f}s", flush=True)
 
 
-def phase_tagi(work: Path, steps: int, max_instances: int, lr: float) -> None:
-    if (work / "stage2" / "hypernet" / "hypernet.json").is_file():
-        return
-    run_gin(["jaxlm/configs/tagi/smollm2_superni.gin"], COMMON + [
-        "tagi_pipeline.stages = ('stage2',)", "stage2/TAGIDistillation.w_ins = 0.0",
-        f"tagi_data.max_instances = {max_instances}", "tagi_data.batch_size = 4", "tagi_data.tasks_per_batch = 2",
-        f"NUM_STEPS = {steps}", f"stage2/train.num_steps = {steps}", f"LEARNING_RATE = {lr}", "WARMUP_STEPS = 2"], work)
-
-
-def phase_eval(work: Path, n_eval: int, max_new_tokens: int) -> None:
-    from jaxlm.checkpoints.hypernet import load_hypernet
-    from jaxlm.data.prompts import format_prompt, tk_query
+def phase_teachers(work: Path, args: argparse.Namespace) -> None:
     from jaxlm.data.sources import load_tasks
-    from jaxlm.data.tagi_tasks import instruction_for
-    from jaxlm.eval.engine import Engine
-    from jaxlm.eval.metrics import compute_metrics
-    from jaxlm.jsonl import ResultsLog
-    from jaxlm.models import lora as lora_lib
-    from jaxlm.checkpoints.teachers import load_teachers
 
-    hyper = load_hypernet(work)
-    base = hyper.base
-    tok = base.tokenizer
-    engine = Engine(base, batch_size=8)
-    tasks = load_tasks("superni", DATA, part="test", names=list(EVAL_TASKS), max_instances=n_eval)
-    names, teachers = load_teachers(work / "teachers" / "teachers", base)
-    stop = [tok.encode("\n\n", add_special_tokens=False)]
-    adapters = hyper.adapters([instruction_for(tasks[t], "def_pos2") for t in EVAL_TASKS])
-    rows = []
-    for i, name in enumerate(EVAL_TASKS):
-        task = tasks[name]
-        assert names[i] == f"task_{i}" or names[i] == name, names
-        refs = [list(inst.outputs) for inst in task.instances]
-        queries = [tok.encode(tk_query(inst.input), add_special_tokens=False) for inst in task.instances]
-        full = [tok.encode(format_prompt(task, inst, "def_pos2"), add_special_tokens=False)[-1024:]
-                for inst in task.instances]
-        methods = {"a_no_instruction": (queries, None), "b_def_pos2_in_context": (full, None),
-                   "c_task_lora_teacher": (queries, lora_lib.select(teachers, i)),
-                   "d_hypernet_adapter": (queries, lora_lib.select(adapters, i))}
-        for method, (prompts, lora) in methods.items():
-            out = engine.generate(prompts, max_new_tokens=max_new_tokens, stop_sequences=stop, lora=lora)
-            preds = [tok.decode(r.output_ids).split("\n\n")[0].strip() for r in out]
-            m = compute_metrics(preds, refs)
-            rows.append({"task": name, "method": method, **m, "example": preds[0][:80]})
-            print(json.dumps(rows[-1]), flush=True)
-    ResultsLog(work / "results.jsonl", ensure_ascii=True).append(rows)
-    summary: dict[str, list[float]] = {}
-    for r in rows:
-        summary.setdefault(r["method"], []).append(r.get("rougeL", r.get("rouge_l", float("nan"))))
-    print(json.dumps({k: round(sum(v) / len(v), 2) for k, v in summary.items()}, indent=1))
+    names = sorted(load_tasks("superni", args.data_dir, part="test"))
+    for fold, span in (("a", f"teachers/tagi_data.skip_instances = {HALF}"),
+                       ("b", f"teachers/tagi_data.max_instances = {HALF}")):
+        run = work / f"teachers_{fold}"
+        if (run / "teachers" / "teachers" / "teachers.json").is_file():
+            continue
+        run_gin([GIN], common(args) + [
+            "tagi_pipeline.stages = ('teachers',)", "teachers/tagi_data.part = 'test'", span,
+            f"teachers/tagi_data.names = {names!r}", f"teachers/LoRATeachers.num_tasks = {len(names)}",
+            f"teachers/LoRATeachers.task_names = {tuple(names)!r}",  # tagi_tasks orders the tasks by name
+            "teachers/tagi_data.batch_size = 8", "teachers/tagi_data.tasks_per_batch = 4",
+            f"NUM_STEPS = {args.teacher_steps}", "LEARNING_RATE = 1e-3", "WARMUP_STEPS = 10"], run)
+
+
+def phase_tagi(work: Path, args: argparse.Namespace, fusion: bool) -> None:
+    run = work / ("tagi_fusion" if fusion else "tagi")
+    if (run / "stage2" / "hypernet" / "hypernet.json").is_file():
+        return
+    run_gin([GIN], common(args) + [
+        "tagi_pipeline.stages = ('stage2',)", "stage2/TAGIDistillation.w_ins = 0.0", f"HypernetConfig.fusion = {fusion}",
+        f"tagi_data.max_instances = {args.train_instances}", f"tagi_data.max_tasks = {args.max_train_tasks}",
+        f"tagi_data.teacher_topk = '{work / 'teacher_topk.npz'}'",
+        f"tagi_data.batch_size = {args.batch_size}", f"tagi_data.tasks_per_batch = {args.tasks_per_batch}",
+        f"NUM_STEPS = {args.steps}", f"LEARNING_RATE = {args.lr}", "WARMUP_STEPS = 30"], run)
+
+
+def phase_eval(work: Path, args: argparse.Namespace) -> None:
+    cmd = [sys.executable, "-m", "jaxlm.cli", "eval", f"--gin_file={EVAL_GIN}", f"--workdir={work / 'eval'}",
+           f"--gin.TEACHERS_A='{work / 'teachers_a/teachers/teachers'}'",
+           f"--gin.TEACHERS_B='{work / 'teachers_b/teachers/teachers'}'", f"--gin.HYPERNET='{work / 'tagi'}'",
+           f"--gin.HYPERNET_FUSION='{work / 'tagi_fusion'}'", f"--gin.MAX_INSTANCES={args.eval_instances}",
+           f"--gin.eval_sweep.max_new_tokens={args.max_new_tokens}",
+           f"--gin.MAX_INSTRUCTION_LEN={args.max_instruction_len}"]
+    if args.data_dir:
+        cmd.append(f"--data_dir={args.data_dir}")
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
 
 
 def main() -> None:
-    import os
-
     os.chdir(REPO)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--phases", default="teachers,tagi,eval")
-    p.add_argument("--eval_instances", type=int, default=6)
-    p.add_argument("--teacher_steps", type=int, default=12)
-    p.add_argument("--tagi_steps", type=int, default=10)
-    p.add_argument("--train_instances", type=int, default=8)
-    p.add_argument("--tagi_lr", type=float, default=2e-4)
-    p.add_argument("--max_new_tokens", type=int, default=24)
+    p.add_argument("--phases", default="topk,teachers,tagi,tagi_fusion,eval")
+    p.add_argument("--data_dir", default=None, help="the task-data root (default: $JAXLM_DATA_DIR, ../shared/data)")
+    p.add_argument("--max_train_tasks", type=int, default=None, help="the first N training tasks (default: all)")
+    p.add_argument("--train_instances", type=int, default=10, help="instances per training task (default 10)")
+    p.add_argument("--steps", type=int, default=500, help="stage-2 steps of each hypernetwork (default 500)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="stage-2 trunk learning rate; the A/B heads take 30x (default 1e-4)")
+    p.add_argument("--batch_size", type=int, default=4, help="stage-2 rows per step (default 4)")
+    p.add_argument("--tasks_per_batch", type=int, default=2, help="stage-2 tasks per step (default 2)")
+    p.add_argument("--teacher_steps", type=int, default=200, help="steps of each teacher fold (default 200)")
+    p.add_argument("--max_input_len", type=int, default=384, help="student input tokens (default 384)")
+    p.add_argument("--teacher_input_len", type=int, default=1024, help="KL teacher input tokens (default 1024)")
+    p.add_argument("--max_target_len", type=int, default=32, help="target tokens (default 32)")
+    p.add_argument("--max_instruction_len", type=int, default=384, help="instruction tokens (default 384)")
+    p.add_argument("--topk", type=int, default=32, help="teacher log-probs kept per target token (default 32)")
+    p.add_argument("--checkpoint_every", type=int, default=25, help="steps between checkpoints (default 25)")
+    p.add_argument("--eval_instances", type=int, default=100, help="instances per test task (default 100)")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="generated tokens (default 64)")
     args = p.parse_args()
     work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    phases = {"topk": lambda: phase_topk(work, args), "teachers": lambda: phase_teachers(work, args),
+              "tagi": lambda: phase_tagi(work, args, fusion=False),
+              "tagi_fusion": lambda: phase_tagi(work, args, fusion=True), "eval": lambda: phase_eval(work, args)}
     for phase in args.phases.split(","):
+        if phase not in phases:
+            raise SystemExit(f"superni_study.py: error: --phases: unknown phase {phase!r} (known: {', '.join(phases)})")
         t = time.time()
-        if phase == "teachers":
-            phase_teachers(work, args.eval_instances, args.teacher_steps)
-        elif phase == "tagi":
-            phase_tagi(work, args.tagi_steps, args.train_instances, args.tagi_lr)
-        elif phase == "eval":
-            phase_eval(work, args.eval_instances, args.max_new_tokens)
-        else:
-            raise SystemExit(f"unknown phase {phase!r}")
+        phases[phase]()
         print(f"phase {phase}: {time.time() - t:.0f}s", flush=True)
 
 
