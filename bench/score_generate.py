@@ -4,7 +4,10 @@ Prints tokens/s for both and the ratio, for scoring (teacher-forced log-probs of
 and for greedy generation (KV cache, a fixed number of new tokens, EOS disabled on both sides).
 Compilation is excluded for jaxlm (one warm-up call); each timing is the best of --repeats runs.
 
-    python bench/score_generate.py [--batch 1,4,8] [--new_tokens 64] [--repeats 3]
+    python bench/score_generate.py [--batch 1,4,8] [--new_tokens 64] [--repeats 3] [--torch_device cuda]
+
+On a GPU machine (bench/gpu.sh) JAX runs on its default device and `--torch_device cuda` puts the
+transformers model and inputs on the GPU; every timed call ends by copying its result to the host.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure(pre, hf, batch: int, new_tokens: int, repeats: int) -> dict:
+def measure(pre, hf, batch: int, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
     """Scoring and greedy-generation tokens/s for both implementations at one batch size."""
     tok = pre.tokenizer
     prompts = [tok.encode(p) for p in (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]]
@@ -64,14 +67,14 @@ def measure(pre, hf, batch: int, new_tokens: int, repeats: int) -> dict:
     t_jax = best_of(lambda: engine.score(examples), repeats)
     seqs = [p + continuation for p in prompts]
     w = max(map(len, seqs))
-    s_ids = torch.tensor([s + [tok.pad_id] * (w - len(s)) for s in seqs])
-    s_mask = torch.tensor([[1] * len(s) + [0] * (w - len(s)) for s in seqs])
+    s_ids = torch.tensor([s + [tok.pad_id] * (w - len(s)) for s in seqs], device=device)
+    s_mask = torch.tensor([[1] * len(s) + [0] * (w - len(s)) for s in seqs], device=device)
 
     def hf_score():
         with torch.no_grad():
             logits = hf(input_ids=s_ids, attention_mask=s_mask).logits
             lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, s_ids[:, 1:, None])[..., 0]
-            return (lp * s_mask[:, 1:]).sum(-1)
+            return (lp * s_mask[:, 1:]).sum(-1).cpu()
 
     t_hf = best_of(hf_score, repeats)
     n_score = int(s_mask.sum())
@@ -88,9 +91,10 @@ def measure(pre, hf, batch: int, new_tokens: int, repeats: int) -> dict:
 
     def hf_generate():
         with torch.no_grad():
-            return hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+            return hf.generate(torch.tensor(ids, dtype=torch.long, device=device),
+                               attention_mask=torch.tensor(mask, dtype=torch.long, device=device),
                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               eos_token_id=None, pad_token_id=tok.pad_id)
+                               eos_token_id=None, pad_token_id=tok.pad_id).cpu()
 
     hf_out = hf_generate()[:, ids.shape[1]:].numpy()
     t_hf = best_of(hf_generate, repeats)
@@ -105,14 +109,16 @@ def main() -> None:
     parser.add_argument("--batch", default="1,4,8", help="comma-separated batch sizes")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch_device", default="cpu", help="where transformers runs: cpu or cuda (default cpu)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
     pre = jaxlm.load_pretrained("smollm2-135m-instruct")
     path = resolve_path("smollm2-135m-instruct")
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    header = {"device": jax.devices()[0].platform, "torch_threads": torch.get_num_threads(), "new_tokens": args.new_tokens}
-    rows = [measure(pre, hf, int(b), args.new_tokens, args.repeats) for b in args.batch.split(",")]
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval().to(args.torch_device)
+    header = {"device": jax.devices()[0].platform, "torch_device": args.torch_device,
+              "torch_threads": torch.get_num_threads(), "new_tokens": args.new_tokens}
+    rows = [measure(pre, hf, int(b), args.new_tokens, args.repeats, args.torch_device) for b in args.batch.split(",")]
     print(json.dumps({**header, "results": rows}, indent=1))
     print(f"\n{'batch':>5} {'task':9} {'jaxlm tok/s':>12} {'transformers tok/s':>19} {'ratio':>7}")
     for row in rows:
