@@ -33,7 +33,7 @@ def test_demo_writes_every_stage_output(demo_run):
     for stage in ("teachers", "stage1", "stage2"):
         assert (demo_run / "tagi" / stage / "config.gin").is_file(), stage
     assert (demo_run / "tagi" / "stage2" / "hypernet" / "hypernet.json").is_file()
-    for plot in ("rewrite_methods.png", "smollm2_bigbench.png", "training_loss.png"):
+    for plot in ("rewrite_methods.png", "smollm2_bigbench.png", "smollm2_superni.png", "training_loss.png"):
         assert (demo_run / "plots" / plot).read_bytes()[:4] == b"\x89PNG", plot
 
 
@@ -50,14 +50,25 @@ def test_demo_results_match_predictions(demo_run):
     fit = [r for r in rows if r["study"] == "teachers"]  # the L_ins teachers on own rows vs new inputs
     assert len(fit) == 1 and fit[0]["teachers"] == 8 and fit[0]["examples"] == 5
     assert all(0.0 <= fit[0][k] <= 100.0 for k in ("own_rows_em", "fresh_inputs_em", "fresh_inputs_in_context_em"))
-    smol = [r for r in rows if r["study"] == "smollm2_bigbench"]
-    assert {r["method"] for r in smol} == {"zero_shot", "icil", "crosstask", "crosstask:mean", "crosstask:best"}
-    assert all(r["task"] == "winowhy" and 0.0 <= r["score"] <= 100.0 for r in smol)
+    smol = [r for r in rows if r["study"] == "smollm2"]
+    methods = {"zero_shot", "def_pos2", "icil", "crosstask", "crosstask:mean", "crosstask:best"}
+    mc = [r for r in smol if r["kind"] == "bigbench"]
+    gen = [r for r in smol if r["kind"] == "superni"]
+    assert {r["method"] for r in mc} == {r["method"] for r in gen} == methods and len(mc) + len(gen) == len(smol)
+    assert all(r["task"] == "general_knowledge" and r["metric"] == "acc_norm % (per byte)" for r in mc)
+    assert all(r["task"] == "task645_summarization" and r["metric"] == "ROUGE-L" for r in gen)
+    assert all(0.0 <= r["score"] <= 100.0 for r in smol)
+    sweep = {(r["method"], r["task"]): r for r in read_jsonl(demo_run / "smollm2" / "results.jsonl")}
+    for r in smol:  # the demo's rows are the sweep's own metrics: acc under per-byte scores, ROUGE-L
+        if ":" not in r["method"]:
+            metrics = sweep[(r["method"], r["task"])]["metrics"]
+            assert r["score"] == pytest.approx(metrics["score" if r["kind"] == "bigbench" else "rougeL"], abs=0.01)
     table = (demo_run / "table.md").read_text()
     assert "Unseen string-rewrite rules (4 held-out rules, 16 examples)" in table
     assert f"LoRA teachers of 8 training rules (the L_ins targets): exact match {fit[0]['own_rows_em']:.2f}%" in table
     assert f"| {rewrite['icil']['exact_match']:.2f} | {rewrite['icil']['target_nll']:.3f} |" in table
-    assert "SmolLM2-135M-Instruct on BIG-bench" in table and "| zero_shot |" in table
+    assert "SmolLM2-135M-Instruct, BIG-bench multiple choice (acc_norm % (per byte))" in table
+    assert "SmolLM2-135M-Instruct, Super-NI test tasks, generation (ROUGE-L)" in table and "| zero_shot |" in table
 
 
 def test_demo_rerun_resumes_without_redoing(demo_run, capsys):
@@ -67,6 +78,6 @@ def test_demo_rerun_resumes_without_redoing(demo_run, capsys):
     assert main(["demo", "--workdir", str(demo_run), "--gin_file", "jaxlm/configs/tests/tiny_demo.gin",
                  "--stages", "base,tagi,rewrite,smollm2"]) == 0
     out = capsys.readouterr().out
-    assert "base: exists" in out and "tagi: exists" in out and "3 cells (0 run)" in out
+    assert "base: exists" in out and "tagi: exists" in out and "8 cells (0 run)" in out
     assert (demo_run / "results.jsonl").read_text() == before  # nothing re-evaluated or duplicated
     assert f"run directory: {demo_run.resolve()}" in out

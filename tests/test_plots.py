@@ -74,15 +74,21 @@ def test_demo_plots_a_missing_smollm2_cell_as_a_gap(tmp_path, monkeypatch):
     from jaxlm.experiment.demo import DemoRun
 
     drawn = _capture(monkeypatch)
-    smol = [{"study": "smollm2_bigbench", "method": "zero_shot", "task": "winowhy", "score": 55.0},
-            {"study": "smollm2_bigbench", "method": "zero_shot", "task": "navigate", "score": 48.0},
-            {"study": "smollm2_bigbench", "method": "icil", "task": "navigate", "score": 51.0}]
+    mc = {"study": "smollm2", "kind": "bigbench", "metric": "acc_norm % (per byte)"}
+    smol = [{**mc, "method": "zero_shot", "task": "winowhy", "score": 55.0},
+            {**mc, "method": "zero_shot", "task": "navigate", "score": 48.0},
+            {**mc, "method": "icil", "task": "navigate", "score": 51.0},
+            {"study": "smollm2", "kind": "superni", "metric": "ROUGE-L", "method": "icil", "task": "task645", "score": 20.0}]
     rewrite = [{"study": "rewrite", "method": "no_instruction", "exact_match": 10.0},
                {"study": "rewrite", "method": "in_context", "exact_match": 80.0}]
     DemoRun(tmp_path).plot(rewrite, smol)
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["rewrite_methods.png", "smollm2_bigbench.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["rewrite_methods.png", "smollm2_bigbench.png",
+                                                                      "smollm2_superni.png"]
     bars = _bars(drawn["smollm2_bigbench.png"].axes[0])
     assert _same(bars["zero_shot"], [55.0, 48.0]) and _same(bars["icil"], [math.nan, 51.0])
+    assert drawn["smollm2_bigbench.png"].axes[0].get_ylabel() == "acc_norm % (per byte)"
+    assert _same(_bars(drawn["smollm2_superni.png"].axes[0])["icil"], [20.0])
+    assert drawn["smollm2_superni.png"].axes[0].get_ylabel() == "ROUGE-L"
     ax = drawn["rewrite_methods.png"].axes[0]
     # First method on top: barh draws bottom-up, so the heights come reversed.
     assert [p.get_width() for p in ax.patches] == [80.0, 10.0]

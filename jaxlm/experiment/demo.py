@@ -9,9 +9,11 @@ results already in RUN/results.jsonl, so a killed demo resumes where it stopped:
   tagi     per-rule LoRA teachers, hypernetwork pretraining, then finetuning (tagi.gin) -> RUN/tagi
   rewrite  unseen rules: no instruction, rule in context, ICIL-style demos, generated adapters
            (eval_rewrite.gin) -> RUN/rewrite
-  smollm2  SmolLM2-135M-Instruct on BIG-bench multiple choice: zero-shot, ICIL, cross-task
-           (smollm2_bigbench.gin) -> RUN/smollm2; it reads real task data from the task-data root
-           (--data_dir, $JAXLM_DATA_DIR, ../shared/data) and is skipped in one line when that is absent
+  smollm2  SmolLM2-135M-Instruct with zero-shot `def`, `def_pos2`, ICIL and cross-task prompts on
+           BIG-bench multiple choice (rank classification, per-byte normalised: acc_norm) and on
+           Super-NI test tasks (generation, ROUGE-L) (smollm2.gin) -> RUN/smollm2; it reads real task
+           data from the task-data root (--data_dir, $JAXLM_DATA_DIR, ../shared/data) and is skipped in
+           one line when that is absent
 Every result is appended to RUN/results.jsonl as it comes (`jaxlm.jsonl.ResultsLog`: fsynced, a torn
 last line dropped, rows already there not appended twice); RUN/table.md and RUN/plots/*.png
 (`jaxlm.eval.plots`) at the end.
@@ -179,16 +181,19 @@ class DemoRun:
         from jaxlm.eval.report import expand_rows
         from jaxlm.eval.sweep import run_from_gin
 
-        self.parse("smollm2_bigbench.gin")
+        self.parse("smollm2.gin")
         missing = _missing_task_data(("bigbench", "superni"))
         if missing:
             return (f"skipped: it reads real task data and {', '.join(missing)} is not there; set JAXLM_DATA_DIR "
                     f"or pass --data_dir DIR (a folder with bigbench/ and superni/) to run it")
         out = run_from_gin(self.workdir / "smollm2")
         rows = ResultsLog(self.workdir / "smollm2" / "results.jsonl").rows()
+        normalization = out.get("rank_normalization", "sum")
         self.append(self.log.pending(
-            {"study": "smollm2_bigbench", "model": r["model"], "method": r["method"], "task": r["task"],
-             "score": round(float(r["metrics"]["score"]), 2)} for r in expand_rows(rows)))
+            {"study": "smollm2", "kind": kind, "metric": metric, "model": r["model"], "method": r["method"],
+             "task": r["task"], "score": round(float(r["metrics"][key]), 2)}
+            for r in expand_rows(rows)
+            for kind, metric, key in [_smollm2_metric(r["group"], normalization)] if key in r["metrics"]))
         return f"{out['cells']} cells ({out['ran']} run), {out['num_compiles']} compiled shapes"
 
     # ------------------------------------------------------------------ run
@@ -211,7 +216,7 @@ class DemoRun:
 
     # ------------------------------------------------------------------ reports
     def write_reports(self) -> str:
-        rewrite, smol = self.done("rewrite"), self.done("smollm2_bigbench")
+        rewrite, smol = self.done("rewrite"), self.done("smollm2")
         lines = ["# jaxlm demo results", ""]
         if rewrite:
             r0 = rewrite[0]
@@ -226,9 +231,9 @@ class DemoRun:
             lines += [f"LoRA teachers of {f['teachers']} training rules (the L_ins targets): exact match "
                       f"{f['own_rows_em']:.2f}% on their own training rows, {f['fresh_inputs_em']:.2f}% on new inputs "
                       f"of their rule ({f['fresh_inputs_in_context_em']:.2f}% with the rule in context).", ""]
-        if smol:
-            tasks, methods, score = _score_grid(smol)
-            lines += ["## SmolLM2-135M-Instruct on BIG-bench multiple choice (accuracy %)", "",
+        for kind, rows in _by_kind(smol).items():
+            tasks, methods, score = _score_grid(rows)
+            lines += [f"## SmolLM2-135M-Instruct, {SMOLLM2_TITLES[kind]} ({rows[0].get('metric', 'accuracy %')})", "",
                       "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
             for m in methods:
                 vals = [score.get((m, t)) for t in tasks]
@@ -253,12 +258,12 @@ class DemoRun:
                                  [r["exact_match"] for r in rewrite], xlabel="exact match on unseen rules (%)",
                                  xlim=(0, 100), title="String rewrites: unseen rules")
             plots.save(fig, out / "rewrite_methods.png")
-        if smol:
-            tasks, methods, score = _score_grid(smol)
-            fig, _ = plots.grouped_bars(score, methods, tasks, figsize=(8, 3.8), ylabel="accuracy (%)",
-                                        title="SmolLM2-135M-Instruct, BIG-bench multiple choice",
-                                        tick_kw={"fontsize": 8}, legend_kw={"fontsize": 7, "ncol": 2})
-            plots.save(fig, out / "smollm2_bigbench.png")
+        for kind, rows in _by_kind(smol).items():
+            tasks, methods, score = _score_grid(rows)
+            fig, _ = plots.grouped_bars(score, methods, tasks, figsize=(8, 3.8), ylabel=rows[0].get("metric", "accuracy %"),
+                                        title=f"SmolLM2-135M-Instruct, {SMOLLM2_TITLES[kind]}",
+                                        tick_kw={"fontsize": 7, "rotation": 15}, legend_kw={"fontsize": 7, "ncol": 2})
+            plots.save(fig, out / f"smollm2_{kind}.png")
         runs = {r["stage"]: Path(r["run"]) / "metrics.jsonl" for r in self.done("train")}
         runs = {k: v for k, v in runs.items() if v.is_file()}
         if runs:
@@ -266,6 +271,25 @@ class DemoRun:
                       for stage, path in runs.items()}
             fig, _ = plots.lines(curves, figsize=(7, 3.5), xlabel="step", ylabel="training loss", logy=True)
             plots.save(fig, out / "training_loss.png")
+
+
+SMOLLM2_TITLES = {"bigbench": "BIG-bench multiple choice", "superni": "Super-NI test tasks, generation"}
+ACC_NAMES = {"sum": "accuracy %", "mean": "accuracy % (per-token mean)", "byte": "acc_norm % (per byte)"}
+
+
+def _smollm2_metric(group: str, normalization: str) -> tuple[str, str, str]:
+    """(kind, metric label, metrics key) of a SmolLM2 sweep row: BIG-bench rows are accuracy under the
+    sweep's rank normalisation, Super-NI rows ROUGE-L."""
+    if group == "superni":
+        return "superni", "ROUGE-L", "rougeL"
+    return "bigbench", ACC_NAMES.get(normalization, "accuracy %"), "score"
+
+
+def _by_kind(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r.get("kind", "bigbench"), []).append(r)
+    return out
 
 
 def _score_grid(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
