@@ -549,6 +549,7 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
 
     max_input_len: a teacher input longer than this keeps its LAST max_input_len tokens (the batches'
     rule, jaxlm.data.batches), None keeps it whole."""
+    from jaxlm import progress
     from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length, pad_rows
     from jaxlm.files import write_atomically
 
@@ -565,6 +566,8 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
         return index, values
 
     arrays: dict[str, np.ndarray] = {}
+    tasks = list(tasks)
+    bar = progress.bar(sum(t.teacher.num_examples for t in tasks if t.teacher is not None), "teacher top-k", "row")
     for task in tasks:
         if task.teacher is None:
             raise ConfigError(f"write_teacher_topk: task {task.name!r} has no teacher rows")
@@ -589,7 +592,9 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
             index, values = topk(params, lora, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(np.asarray(gathers, np.int32)))
             ids_out[start:start + count] = np.asarray(index)[:count]
             lp_out[start:start + count] = np.asarray(values)[:count]
+            bar.update(count)
         arrays.update({f"{task.name}/ids": ids_out, f"{task.name}/logprobs": lp_out, f"{task.name}/valid": valid})
+    bar.close()
     return write_atomically(Path(path), lambda f: np.savez(f, **arrays), binary=True)
 
 
