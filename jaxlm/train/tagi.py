@@ -582,7 +582,9 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
                 if max_input_len is not None and len(inp) > max_input_len:
                     inp = inp[len(inp) - max_input_len:]
                 t = min(len(tgt), max_targets)
-                rows.append(np.concatenate([inp, tgt]).tolist())
+                # The log-probs at the first t target tokens see only the input and tgt[:t - 1]: the
+                # rest of a long target is never run (causal attention; the same numbers, shorter rows).
+                rows.append(np.concatenate([inp, tgt[:t]]).tolist())
                 gathers.append([len(inp) - 1 + j for j in range(t)] + [0] * (max_targets - t))
                 valid[e, :t] = 1.0
             count = len(rows)
