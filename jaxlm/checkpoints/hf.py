@@ -290,13 +290,17 @@ def convert_to_params(
     hf_name: Callable[[tuple[str, ...]], str],
     source: str,
     dtype: Any = np.float32,
+    shardings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fill the param tree `expected` (abstract shapes) from HF `tensors`, one tensor at a time.
 
     `hf_name(path)` gives the HF tensor name of our param `path`; kernels are stored (in, out) here
     and (out, in) in HF, so 2-D `kernel` leaves are transposed. Each tensor is read from its stored
-    dtype straight into a jax array of `dtype`, so a bf16 checkpoint loaded with a bf16 `dtype` never
-    exists in float32.
+    dtype straight into `dtype`, so a bf16 checkpoint loaded with a bf16 `dtype` never exists in
+    float32. With `shardings`, each tensor is placed on its mesh shards as it is read
+    (`place_tensor`: every device receives only its slice, converted on host from the stored
+    dtype) and the host copy is dropped before the next tensor is read, so the whole param tree
+    never exists on one host.
 
     Args:
       tensors: {HF name: array} (memory-mapped views are read here, one at a time).
@@ -304,9 +308,12 @@ def convert_to_params(
       hf_name: our param path -> HF tensor name.
       source: named in errors.
       dtype: the params' dtype (the model's param_dtype).
+      shardings: None (each param a jax array on the default device), or a tree with the structure
+        of `expected` of `jax.sharding.Sharding`s (e.g. `jaxlm.sharding.logical_sharding` of the
+        model's logical axes on a mesh).
 
     Returns:
-      The param tree of jax arrays in `dtype`.
+      The param tree of jax arrays in `dtype` (global arrays in `shardings` when given).
 
     Raises:
       CheckpointError: a missing tensor or a shape mismatch, naming the tensor and `source`.
@@ -317,6 +324,7 @@ def convert_to_params(
 
     flat = {}
     leaves = flatten(expected)
+    placements = flatten(shardings) if shardings is not None else {}
     progress = bar(len(leaves), f"load {Path(source).name}", "tensor")
     for path, leaf in leaves.items():
         progress.update(1)
@@ -330,9 +338,32 @@ def convert_to_params(
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {value.shape}, expected {tuple(leaf.shape)} for {'/'.join(path)}"
             )
-        flat[path] = jnp.asarray(value, dtype)
+        if shardings is None:
+            flat[path] = jnp.asarray(value, dtype)
+        else:
+            flat[path] = place_tensor(value, placements[path], dtype)
+        del value  # the host copy goes before the next tensor is read
     progress.close()
     return unflatten(flat)
+
+
+def place_tensor(value: np.ndarray, sharding: Any, dtype: Any) -> Any:
+    """One host tensor -> a global jax.Array in `sharding`, each addressable device receiving only
+    its slice, converted to `dtype` on host slice by slice (`jax.make_array_from_callback`).
+
+    Args:
+      value: the tensor (any numpy / ml_dtypes dtype, any strides: a transposed view is fine).
+      sharding: a `jax.sharding.Sharding` of `value.shape` (e.g. a NamedSharding on a mesh).
+      dtype: the array's dtype.
+
+    Returns:
+      A jax.Array of `value.shape` and `dtype`, laid out in `sharding`.
+    """
+    import jax
+
+    return jax.make_array_from_callback(
+        tuple(value.shape), sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype), dtype=dtype
+    )
 
 
 def convert_from_params(

@@ -84,7 +84,9 @@ class TrainStep:
         self.objective, self.optimizer, self.mesh, self.microbatches = objective, optimizer, mesh, microbatches
         self.replicated = NamedSharding(mesh, PartitionSpec())
         trainable_axes, frozen_axes = objective.logical_axes()
-        abstract_trainable, abstract_frozen = jax.eval_shape(objective.init, jax.random.PRNGKey(0))
+        abstract_trainable, abstract_frozen = jax.eval_shape(
+            lambda rng, base: objective.init(rng) if base is None else objective.init(rng, base),
+            jax.random.PRNGKey(0), self._pretrained_base(abstract=True))  # no weights read for shapes
         self.trainable_shardings = sharding.logical_sharding(trainable_axes, abstract_trainable, mesh)
         self.frozen_shardings = sharding.logical_sharding(frozen_axes, abstract_frozen, mesh)
         abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
@@ -121,13 +123,20 @@ class TrainStep:
                            opt_state=self.optimizer.init(trainable), rng=rng_state)
         return state, frozen
 
+    def _pretrained_base(self, **kwargs):
+        """The objective's `pretrained_base(**kwargs)`, or None for an objective without one."""
+        read = getattr(self.objective, "pretrained_base", None)
+        return None if read is None else read(**kwargs)
+
     def _placed_base(self):
-        """A pretrained base is device_put from host in its shardings (never a constant inside a jit)."""
-        host = getattr(self.objective, "pretrained_base", lambda: None)()
-        if host is None:
+        """The frozen parts read from disk, in their shardings (never a constant inside a jit): the
+        objective places each checkpoint tensor on the mesh as it reads it (the whole base never
+        exists on one host); `device_put` places the small host parts and leaves placed ones as they are."""
+        base = self._pretrained_base(mesh=self.mesh)
+        if base is None:
             return None
         axes = self.objective.base_logical_axes()
-        return jax.device_put(host, sharding.logical_sharding(axes, host, self.mesh))
+        return jax.device_put(base, sharding.logical_sharding(axes, base, self.mesh))
 
     def init_state(self, rng: jax.Array) -> tuple[TrainState, PyTree]:
         """(TrainState, frozen) built directly in their shardings."""
