@@ -164,6 +164,9 @@ class GgufTensors(Mapping[str, np.ndarray]):
                 w = _unpermute(w, n_heads)
         return w
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self.entries
+
     def __iter__(self):
         return iter(self.entries)
 

@@ -90,6 +90,9 @@ class SafetensorsTensors(Mapping[str, np.ndarray]):
             raise CheckpointError(f"{file}: tensor {name!r} is truncated ({data.size} of {count} values)")
         return data.reshape(shape)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self.entries
+
     def __iter__(self):
         return iter(self.entries)
 
