@@ -18,6 +18,7 @@ import numpy as np
 from jaxlm.errors import JaxlmError
 
 WEIGHTS_NAME = "model.safetensors"
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # what params are held in and checkpoints are written in
 INDEX_NAME = "model.safetensors.index.json"
 
 

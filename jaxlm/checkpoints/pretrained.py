@@ -226,7 +226,7 @@ def load_pretrained(
     Args:
       path: a HF directory, a .gguf file or a weight-package name.
       dtype: the computation dtype ("float32", "bfloat16").
-      param_dtype: the dtype the params are held in ("float32", "bfloat16", "float16").
+      param_dtype: the dtype the params are held in (one of `hf.FLOAT_DTYPES`).
       mesh: place the params on this mesh (global jax.Arrays in NamedShardings); None: each param
         on the default device.
       weights: False reads no tensor: `params` is the tree of `jax.ShapeDtypeStruct`s (shapes in
@@ -312,7 +312,7 @@ def export_hf(
       `path`.
     """
     fam = family(pretrained.family)
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in hf.FLOAT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: expected float32, bfloat16 or float16")
     tensors = hf.convert_from_params(nn.unbox(params if params is not None else pretrained.params), fam.hf_name,
                                      jnp.dtype(dtype))

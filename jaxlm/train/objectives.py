@@ -24,6 +24,7 @@ import jax
 from flax import linen as nn
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxlm.checkpoints.hf import FLOAT_DTYPES
 from jaxlm.checkpoints.pretrained import (
     Pretrained,
     abstract_params,
@@ -37,7 +38,6 @@ from jaxlm.train import losses
 
 Array = jax.Array
 PyTree = Any
-PARAM_DTYPES = ("float32", "bfloat16", "float16")  # what `param_dtype` may name
 
 
 class Objective(Protocol):
@@ -149,8 +149,8 @@ class LanguageModel:
     def __post_init__(self) -> None:
         if (self.model_config is None) == (self.pretrained is None):
             raise ConfigError(f"{type(self).__name__}: set exactly one of model_config and pretrained")
-        if self.param_dtype not in (None, *PARAM_DTYPES):
-            raise ConfigError(f"{type(self).__name__}.param_dtype = {self.param_dtype!r}: expected one of {PARAM_DTYPES}")
+        if self.param_dtype not in (None, *FLOAT_DTYPES):
+            raise ConfigError(f"{type(self).__name__}.param_dtype = {self.param_dtype!r}: expected one of {FLOAT_DTYPES}")
         fam = self.config.family
         if self.expected_family and fam != self.expected_family:
             raise ConfigError(f"{type(self).__name__} trains a {self.expected_family} model, got a {fam} model")
@@ -191,6 +191,20 @@ class LanguageModel:
         """
         return dataclasses.replace(self, compute_dtype=dtype)
 
+    def with_param_dtype(self, dtype: str) -> LanguageModel:
+        """A copy of this objective with `param_dtype=dtype` (params held and trained in it).
+
+        Args:
+          dtype: one of `FLOAT_DTYPES`.
+
+        Returns:
+          A new objective of the same class.
+
+        Raises:
+          ConfigError: `dtype` is not one of `FLOAT_DTYPES`.
+        """
+        return dataclasses.replace(self, param_dtype=dtype)
+
     def pretrained_base(self, mesh: Mesh | None = None, abstract: bool = False) -> PyTree | None:
         """The pretrained base's params, read from disk now (TrainStep passes them to the jitted init,
         never baking them in as constants).
@@ -225,7 +239,7 @@ class LanguageModel:
         return Pretrained(self.config.family, self.config, frozen, None, "random-init")
 
     def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False,
-               base_model_name_or_path: str | None = None) -> Path:
+               base_model_name_or_path: str | None = None, dtype: str = "float32") -> Path:
         """Write the trained model where transformers / peft read it.
 
         Args:
@@ -235,6 +249,8 @@ class LanguageModel:
           merged: with LoRA, fold the adapter into the base kernels and write a plain HF directory.
           base_model_name_or_path: with LoRA, the base the adapter names instead (e.g. a weight-package
             name `jaxlm --model` resolves); then no base is written beside the adapter.
+          dtype: the written tensors' dtype (one of `FLOAT_DTYPES`): the model, the adapter and a
+            base written beside it.
 
         Returns:
           `output`: a HF directory (config.json, model.safetensors, tokenizer when the base has one)
@@ -245,6 +261,7 @@ class LanguageModel:
 
         Raises:
           ConfigError: `merged=True` without LoRA.
+          ValueError: `dtype` is not one of `FLOAT_DTYPES`.
         """
         from jaxlm.checkpoints.peft import export_peft_adapter
         from jaxlm.checkpoints.pretrained import export_hf
@@ -254,20 +271,21 @@ class LanguageModel:
         if self.lora is None:
             if merged:
                 raise ConfigError(f"{type(self).__name__}: merged=True needs a LoRA run (this is a full finetune)")
-            return export_hf(self.export_target(trainable), output, params=trainable)
+            return export_hf(self.export_target(trainable), output, params=trainable, dtype=dtype)
         lora = LoraWeights(trainable, self.lora.rank, self.lora.alpha)
         target = self.export_target(frozen)
         if merged:
-            return export_hf(target, output, params=lora_lib.merge(frozen, lora))
+            return export_hf(target, output, params=lora_lib.merge(frozen, lora), dtype=dtype)
         if base_model_name_or_path is not None:
-            return export_peft_adapter(lora, target, output, base_model_name_or_path=base_model_name_or_path)
+            return export_peft_adapter(lora, target, output, base_model_name_or_path=base_model_name_or_path,
+                                       dtype=dtype)
         base_dir = self._base_dir()
         written_base = base_dir is None
         if written_base:
             base_dir = (output / "base").resolve()
-        export_peft_adapter(lora, target, output, base_model_name_or_path=str(base_dir))
+        export_peft_adapter(lora, target, output, base_model_name_or_path=str(base_dir), dtype=dtype)
         if written_base:
-            export_hf(target, base_dir, params=frozen)
+            export_hf(target, base_dir, params=frozen, dtype=dtype)
         return output
 
     def _base_dir(self) -> Path | None:
@@ -502,7 +520,8 @@ class LoRATeachers(LanguageModel):
         return lora_lib.per_example(LoraWeights(trainable, self.lora.rank, self.lora.alpha), batch["task_index"])
 
     def save_teachers(
-        self, directory: str | Path, trainable: PyTree, task_names: Sequence[str] | None, pretrained: Pretrained
+        self, directory: str | Path, trainable: PyTree, task_names: Sequence[str] | None, pretrained: Pretrained,
+        dtype: str = "float32",
     ) -> Path:
         """Each teacher as a PEFT adapter dir `directory/<task name>` plus a `teachers.json` index.
 
@@ -511,6 +530,7 @@ class LoRATeachers(LanguageModel):
           trainable: the stacked LoRA params, leaves (N, ...).
           task_names: N names, or None for `self.task_names` (else task_0 ... task_{N-1}).
           pretrained: the base the adapters belong to (PEFT module names, recorded base source).
+          dtype: the adapters' stored dtype (one of `FLOAT_DTYPES`).
 
         Returns:
           `directory`.
@@ -528,12 +548,13 @@ class LoRATeachers(LanguageModel):
         stacked = LoraWeights(jax.device_get(trainable), self.lora.rank, self.lora.alpha)
         entries = []
         for index, name in enumerate(names):
-            export_peft_adapter(lora_lib.select(stacked, index), pretrained, directory / name)
+            export_peft_adapter(lora_lib.select(stacked, index), pretrained, directory / name, dtype=dtype)
             entries.append({"task": name, "task_index": index, "adapter": name})
         write_teachers_index(directory, entries, base=pretrained.source, rank=self.lora.rank, alpha=self.lora.alpha)
         return directory
 
-    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
+    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False,
+               dtype: str = "float32") -> Path:
         """The teachers as a LoRATeachers directory at `output` (what the loop writes to RUN/teachers/).
 
         Args:
@@ -541,6 +562,7 @@ class LoRATeachers(LanguageModel):
           trainable: the stacked LoRA params.
           frozen: the base params (used when the base is not a pretrained checkpoint).
           merged: must be False.
+          dtype: the adapters' stored dtype (one of `FLOAT_DTYPES`).
 
         Returns:
           `output`, written by `save_teachers` with the configured task names.
@@ -550,4 +572,4 @@ class LoRATeachers(LanguageModel):
         """
         if merged:
             raise ConfigError("LoRATeachers: merged=True is not defined for a stack of per-task adapters")
-        return self.save_teachers(output, trainable, None, self.export_target(frozen))
+        return self.save_teachers(output, trainable, None, self.export_target(frozen), dtype)

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import sharding
+from jaxlm.errors import ConfigError
 from jaxlm.train.optim import current_learning_rate
 from jaxlm.train.state import TrainState
 
@@ -67,7 +68,12 @@ def split_microbatches(batch: Mapping[str, jax.Array], count: int) -> dict[str, 
 
 
 class TrainStep:
-    """`step(state, frozen, batch) -> (state, metrics)`; see the module docstring."""
+    """`step(state, frozen, batch) -> (state, metrics)`; see the module docstring.
+
+    `compute_dtype` / `param_dtype` (when not None) replace the objective's activation / param dtype
+    (`with_compute_dtype`, `with_param_dtype`); an objective without a param dtype refuses the latter
+    (ConfigError).
+    """
 
     def __init__(
         self,
@@ -76,9 +82,14 @@ class TrainStep:
         mesh: Mesh,
         microbatches: int = 1,
         compute_dtype: str | None = None,
+        param_dtype: str | None = None,
     ) -> None:
         if compute_dtype is not None and hasattr(objective, "with_compute_dtype"):
             objective = objective.with_compute_dtype(compute_dtype)
+        if param_dtype is not None:
+            if not hasattr(objective, "with_param_dtype"):
+                raise ConfigError(f"train.param_dtype={param_dtype!r}: {type(objective).__name__} has no param_dtype")
+            objective = objective.with_param_dtype(param_dtype)
         if microbatches < 1:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
         self.objective, self.optimizer, self.mesh, self.microbatches = objective, optimizer, mesh, microbatches

@@ -523,7 +523,8 @@ class TAGIDistillation(LanguageModel):
         return out
 
     # ---------------------------------------------------------------- export
-    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
+    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False,
+               dtype: str = "float32") -> Path:
         """The hypernetwork export at `output` (`jaxlm.checkpoints.hypernet`; the loop writes RUN/hypernet/).
 
         Args:
@@ -532,15 +533,19 @@ class TAGIDistillation(LanguageModel):
           frozen: the frozen params; `frozen['base']` is written to `output/base/` unless `pretrained`
             is a HF directory on disk (then the export points at it).
           merged: must be False.
+          dtype: must be "float32" (`load_hypernet` reads float32 hypernetwork and base files).
 
         Returns:
           The written directory.
 
         Raises:
-          ConfigError: `merged=True` (the adapter depends on the instruction).
+          ConfigError: `merged=True` (the adapter depends on the instruction), or `dtype` is not float32.
         """
         if merged:
             raise ConfigError("TAGIDistillation: merged=True is not defined (the adapter depends on the instruction)")
+        if dtype != "float32":
+            raise ConfigError(f"TAGIDistillation: export dtype {dtype!r} is not supported; a hypernetwork export "
+                              "is written in float32")
         return save_hypernet(output, self, jax.device_get(trainable), jax.device_get(frozen))
 
 
