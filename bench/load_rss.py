@@ -8,6 +8,7 @@ The installed GGUF is exported once to HF directories stored in float32 and in b
   plain     load_pretrained(dir, param_dtype=...)                        params on one device
   mesh      load_pretrained(dir, param_dtype=..., mesh=fsdp=8)           each tensor placed on its shards as read
   host_put  load_pretrained(...) then jax.device_put(tree, shardings)    the path TrainStep took before
+  train     TrainStep(CausalLM(pretrained=dir, LoRA r=8 on q/v), fsdp=8).init_state: base + LoRA + Adam state
 
 On CPU the "devices" live in host memory, so every mode's peak includes the params themselves
 (fully sharded over fsdp=8: one copy in all); what differs is the transient on top of them.
@@ -42,7 +43,17 @@ directory, param_dtype, mode = sys.argv[1:4]
 jax.devices()  # backend up before the baseline
 mesh = sharding.make_mesh("fsdp=8")
 before = status("VmRSS")
-if mode == "mesh":
+if mode == "train":
+    from jaxlm.models.lora import LoraSpec
+    from jaxlm.train.objectives import CausalLM
+    from jaxlm.train.optim import make_optimizer
+    from jaxlm.train.steps import TrainStep
+
+    objective = CausalLM(pretrained=directory, lora=LoraSpec(("q_proj", "v_proj"), rank=8), param_dtype=param_dtype)
+    step = TrainStep(objective, make_optimizer(learning_rate=1e-4, total_steps=10), mesh)
+    state, frozen = step.init_state(jax.random.PRNGKey(0))
+    pre = type("Loaded", (), {"params": frozen})()
+elif mode == "mesh":
     pre = load_pretrained(directory, param_dtype=param_dtype, mesh=mesh)
 else:
     pre = load_pretrained(directory, param_dtype=param_dtype)
@@ -71,7 +82,7 @@ def prepare(workdir: Path) -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/jaxlm_load_rss")
-    parser.add_argument("--modes", default="plain,mesh,host_put")
+    parser.add_argument("--modes", default="plain,mesh,host_put,train")
     args = parser.parse_args()
     dirs = prepare(Path(args.workdir))
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -119,19 +119,27 @@ def _train(objective, mesh, steps=3):
 
 @pytest.mark.parametrize("lora", [None, LoraSpec(("q_proj", "v_proj"), rank=4, alpha=8.0)], ids=["full", "lora"])
 def test_train_step_over_a_mesh_reads_the_base_placed_and_matches_one_device(llama_dir, monkeypatch, lora):
-    calls = []
-    load = objectives.load_pretrained
+    calls, placed = [], []
+    load, read = objectives.load_pretrained, objectives.read_pretrained_params
 
     def recording(name, **kwargs):
         calls.append((kwargs.get("weights", True), kwargs.get("mesh")))
         return load(name, **kwargs)
 
+    def reading(*args):
+        placed.append(read(*args))
+        return placed[-1]
+
     monkeypatch.setattr(objectives, "load_pretrained", recording)
+    monkeypatch.setattr(objectives, "read_pretrained_params", reading)
     objectives.describe_pretrained.cache_clear()
     mesh = make_mesh(MESH)
     step, state, frozen, sharded = _train(CausalLM(pretrained=str(llama_dir), lora=lora), mesh)
     # weights were read once, each tensor onto the mesh; every other read was config/shapes only
     assert [c for c in calls if c[0]] == [(True, mesh)]
+    # the init consumed the placed base (donated): the trained/frozen base reuses its buffers, no second copy
+    placed_leaves = [x for x in jax.tree_util.tree_leaves(placed[-1]) if isinstance(x, jax.Array)]
+    assert len(placed_leaves) == 21 and all(x.is_deleted() for x in placed_leaves)
     base = state.params if lora is None else frozen
     kernel = base["layers_0"]["mlp"]["up_proj"]["kernel"]
     where = step.trainable_shardings if lora is None else step.frozen_shardings

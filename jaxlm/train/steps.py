@@ -140,27 +140,36 @@ class TrainStep:
         return None if read is None else read(**kwargs)
 
     def _placed_base(self):
-        """The frozen parts read from disk, in their shardings (never a constant inside a jit): the
-        objective places each checkpoint tensor on the mesh as it reads it (the whole base never
-        exists on one host); `device_put` places the small host parts and leaves placed ones as they are."""
+        """The frozen parts read from disk, in their shardings (never a constant inside a jit), each in
+        buffers of its own, which the jitted init consumes (`donate_argnums`: the frozen params it
+        returns reuse them, so the base never exists twice). The objective places each checkpoint
+        tensor on the mesh as it reads it for this call (the whole base never exists on one host):
+        those arrays are kept as they are; anything else (host arrays, device arrays a cache may
+        still hold) is copied into its sharding."""
         base = self._pretrained_base(mesh=self.mesh)
         if base is None:
             return None
         axes = self.objective.base_logical_axes()
-        return jax.device_put(base, sharding.logical_sharding(axes, base, self.mesh))
+
+        def place(x, where):
+            if isinstance(x, jax.Array) and x.sharding == where:
+                return x
+            return jax.device_put(x, where, may_alias=False)
+
+        return jax.tree_util.tree_map(place, base, sharding.logical_sharding(axes, base, self.mesh))
 
     def init_state(self, rng: jax.Array) -> tuple[TrainState, PyTree]:
         """(TrainState, frozen) built directly in their shardings."""
         base = self._placed_base()
         with jax.set_mesh(self.mesh):
-            fn = jax.jit(self._init_fn, out_shardings=(self.state_shardings, self.frozen_shardings))
+            fn = jax.jit(self._init_fn, out_shardings=(self.state_shardings, self.frozen_shardings), donate_argnums=(1,))
             return fn(rng, base)
 
     def init_frozen(self, rng: jax.Array) -> PyTree:
         """The frozen params alone (after a checkpoint restore: they are a function of the seed/weights)."""
         base = self._placed_base()
         with jax.set_mesh(self.mesh):
-            fn = jax.jit(lambda r, b: self._init_fn(r, b)[1], out_shardings=self.frozen_shardings)
+            fn = jax.jit(lambda r, b: self._init_fn(r, b)[1], out_shardings=self.frozen_shardings, donate_argnums=(1,))
             return fn(rng, base)
 
     # ------------------------------------------------------------------ the step
