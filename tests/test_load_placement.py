@@ -160,3 +160,5 @@ def test_param_dtype_field_reads_the_base_in_that_dtype_and_refuses_others(llama
     assert np.isfinite(losses[0])
     with pytest.raises(ConfigError, match=r"CausalLM.param_dtype = 'int8': expected one of"):
         CausalLM(pretrained=str(llama_dir), param_dtype="int8")
+    with pytest.raises(ValueError, match=r"param_dtype 'int8': expected float32, bfloat16 or float16"):
+        load_pretrained(llama_dir, param_dtype="int8")

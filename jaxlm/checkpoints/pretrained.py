@@ -237,7 +237,10 @@ def load_pretrained(
 
     Raises:
       CheckpointError: one line naming the file and field/tensor for anything unreadable or refused.
+      ValueError: `param_dtype` is not one of `hf.FLOAT_DTYPES`.
     """
+    if param_dtype not in hf.FLOAT_DTYPES:
+        raise ValueError(f"param_dtype {param_dtype!r}: expected float32, bfloat16 or float16")
     p = resolve_path(path)
     generation = None
     if p.is_file() and p.suffix == ".gguf":

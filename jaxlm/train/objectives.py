@@ -107,7 +107,7 @@ def read_pretrained_params(name: str, param_dtype: str = "float32", mesh: Mesh |
       name: a HF directory, a .gguf file or a weight-package name.
       param_dtype: the params' dtype.
       mesh: place each tensor on its shards of this mesh as it is read (the whole tree never exists
-        on one host); None: host-side arrays on the default device.
+        on one host); None: arrays on the default device.
       abstract: return the `jax.ShapeDtypeStruct` tree instead (nothing read).
 
     Returns:
@@ -215,7 +215,8 @@ class LanguageModel:
           abstract: the `jax.ShapeDtypeStruct`s instead (nothing read; for `jax.eval_shape`).
 
         Returns:
-          The checkpoint's plain param tree in `param_dtype`, or None when the base is randomly initialised.
+          The checkpoint's plain param tree in `param_dtype`, arrays read for this call and held by
+          nothing else (TrainStep's init consumes them), or None when the base is randomly initialised.
 
         Raises:
           CheckpointError: a tensor is missing, misshapen or unreadable (named).
