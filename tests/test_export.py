@@ -179,6 +179,28 @@ def test_an_eval_sweep_model_accepts_a_run_dir_and_a_peft_dir(lora_run, tmp_path
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_an_eval_sweep_model_holds_its_weights_in_param_dtype(lora_run, tmp_path):
+    """EvalModel.param_dtype (`jaxlm eval`'s equivalent of --param_dtype): a PEFT dir is merged into its
+    base read in bf16; the merged weights are bf16 with the float32 merge's values rounded."""
+    from jaxlm.errors import ConfigError
+    from jaxlm.eval.sweep import EvalModel
+
+    assert main(["export", "--workdir", str(lora_run), "--output", str(tmp_path / "a")]) == 0
+    full = EvalModel("m", pretrained=str(tmp_path / "a")).load()
+    half = EvalModel("m", pretrained=str(tmp_path / "a"), param_dtype="bfloat16").load()
+    assert {x.dtype for x in jax.tree_util.tree_leaves(full.params)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(half.params)} == {jnp.dtype("bfloat16")}
+    norm = lambda pre: np.asarray(pre.params["norm"]["weight"], np.float32)  # not adapted: rounding only
+    np.testing.assert_array_equal(norm(half), np.asarray(full.params["norm"]["weight"].astype(jnp.bfloat16), np.float32))
+    q = lambda pre: np.asarray(pre.params["layers_0"]["self_attn"]["q_proj"]["kernel"], np.float32)
+    np.testing.assert_allclose(q(half), q(full), rtol=0, atol=2 ** -7 * np.abs(q(full)).max())  # merged in bf16
+    assert not np.array_equal(q(half), q(full))
+    with pytest.raises(ConfigError, match="param_dtype is not supported with hypernet"):
+        EvalModel("h", hypernet=str(tmp_path), param_dtype="bfloat16").load()
+    with pytest.raises(ConfigError, match="param_dtype='int8', expected one of"):
+        EvalModel("m", pretrained=str(tmp_path / "a"), param_dtype="int8").load()
+
+
 def test_a_tagi_stage_dir_exports_its_hypernetwork(tmp_path, capsys):
     """RUN/stage2 of a TAGI pipeline (bindings recorded under the stage's gin scope) exports the
     hypernetwork its last checkpoint holds: the same params as the run's own end-of-run export."""

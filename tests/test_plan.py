@@ -45,6 +45,17 @@ def test_tiny_plan_numbers(tiny_report):
     assert r.fits and "FITS in 1 GiB HBM" in r.format()
 
 
+def test_param_dtype_binding_is_planned(tiny_report):
+    """train.param_dtype (what `jaxlm train --param_dtype` binds) sizes the params: bf16 halves them."""
+    parse_config([TINY], ["train.param_dtype = 'bfloat16'"])
+    try:
+        r = plan_run("data=2,fsdp=4", "cpu", hbm_gib=1.0)
+    finally:
+        gin.clear_config()
+    assert r.param_count == tiny_report.param_count
+    assert r.param_bytes == 2 * r.param_count // 4 == tiny_report.param_bytes // 2
+
+
 def test_hbm_verdict_and_default(tiny_report):
     r = tiny_report
     small = type(r)(**{**r.__dict__, "hbm_gib": r.peak_bytes / GIB / 2})
