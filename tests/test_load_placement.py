@@ -162,3 +162,18 @@ def test_param_dtype_field_reads_the_base_in_that_dtype_and_refuses_others(llama
         CausalLM(pretrained=str(llama_dir), param_dtype="int8")
     with pytest.raises(ValueError, match=r"param_dtype 'int8': expected float32, bfloat16 or float16"):
         load_pretrained(llama_dir, param_dtype="int8")
+
+
+def test_an_eval_model_loads_onto_the_engine_mesh_once(llama_dir):
+    """`jaxlm eval --mesh`: the sweep's model is read onto the mesh, and the engine keeps those arrays."""
+    from jaxlm.eval.engine import Engine
+    from jaxlm.eval.sweep import EvalModel
+
+    mesh = make_mesh(MESH)
+    pre = EvalModel("m", pretrained=str(llama_dir)).load(mesh)
+    q = pre.params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding == NamedSharding(mesh, P("fsdp", "tensor"))
+    engine = Engine(pre, batch_size=4, mesh=mesh)
+    assert engine.params["layers_0"]["self_attn"]["q_proj"]["kernel"] is q  # placed once, not copied again
+    plain = load_pretrained(llama_dir)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(plain.params["layers_0"]["self_attn"]["q_proj"]["kernel"]))

@@ -57,7 +57,23 @@ class EvalModel:
     dtype: str = "float32"
     param_dtype: str | None = None
 
-    def load(self) -> Any:
+    def load(self, mesh: Any = None) -> Any:
+        """The model as a `Pretrained`.
+
+        Args:
+          mesh: a `jax.sharding.Mesh`: a checkpoint's tensors (a HF dir, .gguf, weight package, a PEFT
+            dir's base, a run dir's export) are placed on its shards as they are read
+            (`load_pretrained(mesh=)`); None: the default device. A hypernet base or a random init is
+            loaded on the default device either way (the engine shards it).
+
+        Returns:
+          The Pretrained (a PEFT dir: its LoRA merged into the base).
+
+        Raises:
+          ConfigError: not exactly one of pretrained / config / hypernet, a bad `param_dtype`, a
+            random-init config without `tokenizer`, or a run dir whose export fails.
+          CheckpointError: a file cannot be read (named).
+        """
         from jaxlm.checkpoints.hf import FLOAT_DTYPES
         from jaxlm.checkpoints.pretrained import (
             Pretrained,
@@ -79,8 +95,8 @@ class EvalModel:
 
             return load_hypernet(self.hypernet).base
         if self.pretrained is not None:
-            return _load_trained(Path(self.pretrained), self.dtype, param_dtype) if Path(self.pretrained).is_dir() \
-                else load_pretrained(self.pretrained, dtype=self.dtype, param_dtype=param_dtype)
+            return _load_trained(Path(self.pretrained), self.dtype, param_dtype, mesh) if Path(self.pretrained).is_dir() \
+                else load_pretrained(self.pretrained, dtype=self.dtype, param_dtype=param_dtype, mesh=mesh)
         if self.tokenizer is None:
             raise ConfigError(f"EvalModel {self.name!r}: a random-init config needs EvalModel.tokenizer (text in, text out)")
         family = self.config.family
@@ -89,7 +105,7 @@ class EvalModel:
                           f"random-init:{self.name}")
 
 
-def _load_trained(directory: Path, dtype: str, param_dtype: str = "float32") -> Any:
+def _load_trained(directory: Path, dtype: str, param_dtype: str = "float32", mesh: Any = None) -> Any:
     """A HF dir as is; a PEFT dir merged into its base; a run dir exported first (`jaxlm export`, in a
     child process: the run's own gin config must not replace the sweep's) into directory/export/."""
     import json
@@ -111,9 +127,9 @@ def _load_trained(directory: Path, dtype: str, param_dtype: str = "float32") -> 
         directory = out
     adapter_config = directory / "adapter_config.json"
     if not adapter_config.is_file():
-        return load_pretrained(directory, dtype=dtype, param_dtype=param_dtype)
+        return load_pretrained(directory, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     base = load_pretrained(json.loads(adapter_config.read_text())["base_model_name_or_path"], dtype=dtype,
-                           param_dtype=param_dtype)
+                           param_dtype=param_dtype, mesh=mesh)
     base, lora = load_peft_model(directory, base)  # modules_to_save replace base params
     merged = merge(base.params, lora)
     return Pretrained(base.family, base.config, merged, base.tokenizer, str(directory), base.generation)
@@ -259,7 +275,7 @@ def eval_sweep(
         mine = [c for c in todo if c.model == model.name]
         if not mine:
             continue
-        engine = Engine(model.load(), batch_size=batch_size, mesh=mesh, prefix_cache=prefix_cache,
+        engine = Engine(model.load(mesh), batch_size=batch_size, mesh=mesh, prefix_cache=prefix_cache,
                         **({"buckets": tuple(buckets)} if buckets else {}))
         ctx = methods_lib.EvalContext(
             engine, engine.pretrained.tokenizer,
