@@ -41,7 +41,13 @@ PyTree = Any
 
 
 class Objective(Protocol):
-    """What `TrainStep` trains: params split into a trainable and a frozen pytree, and a pure loss."""
+    """What `TrainStep` trains: params split into a trainable and a frozen pytree, and a pure loss.
+
+    An objective whose frozen parts are read from disk also has `pretrained_base(mesh=None,
+    abstract=False)` (the parts, placed on `mesh` as they are read, or their ShapeDtypeStructs),
+    `base_logical_axes()` (their logical axes) and `init(rng, base)` (built from them); see
+    `LanguageModel`. TrainStep then reads the shapes without weights and the weights onto its mesh.
+    """
 
     def init(self, rng: Array) -> tuple[PyTree, PyTree]:
         """(trainable, frozen) params; must work under `jax.eval_shape`.
