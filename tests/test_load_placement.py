@@ -177,3 +177,20 @@ def test_an_eval_model_loads_onto_the_engine_mesh_once(llama_dir):
     assert engine.params["layers_0"]["self_attn"]["q_proj"]["kernel"] is q  # placed once, not copied again
     plain = load_pretrained(llama_dir)
     np.testing.assert_array_equal(np.asarray(q), np.asarray(plain.params["layers_0"]["self_attn"]["q_proj"]["kernel"]))
+
+
+def test_train_step_shapes_and_lowering_read_no_weights(llama_dir, monkeypatch):
+    """TrainStep's abstract state/frozen (what `jaxlm plan` compiles) come from the checkpoint's
+    header alone: no tensor is read."""
+    monkeypatch.setattr(hf.SafetensorsTensors, "__getitem__", lambda self, name: pytest.fail(f"tensor {name} read"))
+    objectives.describe_pretrained.cache_clear()
+    mesh = make_mesh(MESH)
+    step = TrainStep(CausalLM(pretrained=str(llama_dir), lora=LoraSpec(("q_proj",), rank=2)),
+                     make_optimizer(learning_rate=1e-2, total_steps=10), mesh)
+    frozen = step.abstract_frozen()
+    q = frozen["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert q.shape == (64, 64) and q.sharding == NamedSharding(mesh, P("fsdp", "tensor"))
+    batch = next(SyntheticBatches(batch_size=8, seq_len=16, vocab_size=128))
+    shardings = step.batch_sharding(batch)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+    assert step.lower(step.abstract_state(), frozen, abstract_batch).compile() is not None
