@@ -194,3 +194,23 @@ def test_train_step_shapes_and_lowering_read_no_weights(llama_dir, monkeypatch):
     shardings = step.batch_sharding(batch)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
     assert step.lower(step.abstract_state(), frozen, abstract_batch).compile() is not None
+
+
+def test_place_tensor_converts_each_distinct_slice_once():
+    """Devices that hold the same slice (replicated axes) share one host conversion; values exact."""
+
+    class Counting(np.ndarray):
+        reads = 0
+
+        def __getitem__(self, index):
+            Counting.reads += 1
+            return np.asarray(self)[index]
+
+    mesh = make_mesh(MESH)
+    x = np.arange(4 * 16, dtype=np.float32).reshape(4, 16)
+    for spec, distinct in ((P(), 1), (P("fsdp", "tensor"), 4), (P(None, ("data", "fsdp", "tensor")), 8)):
+        Counting.reads = 0
+        placed = hf.place_tensor(x.view(Counting), NamedSharding(mesh, spec), jnp.bfloat16)
+        assert Counting.reads == distinct == len({str(s.index) for s in placed.addressable_shards}), spec
+        assert placed.dtype == jnp.bfloat16 and placed.sharding == NamedSharding(mesh, spec)
+        np.testing.assert_array_equal(np.asarray(placed, np.float32), x)

@@ -353,7 +353,8 @@ def convert_to_params(
 
 def place_tensor(value: np.ndarray, sharding: Any, dtype: Any) -> Any:
     """One host tensor -> a global jax.Array in `sharding`, each addressable device receiving only
-    its slice, converted to `dtype` on host slice by slice (`jax.make_array_from_callback`).
+    its slice, converted to `dtype` on host slice by slice (`jax.make_array_from_callback`; a slice
+    several devices hold is converted once).
 
     Args:
       value: the tensor (any numpy / ml_dtypes dtype, any strides: a transposed view is fine).
@@ -365,9 +366,15 @@ def place_tensor(value: np.ndarray, sharding: Any, dtype: Any) -> Any:
     """
     import jax
 
-    return jax.make_array_from_callback(
-        tuple(value.shape), sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype), dtype=dtype
-    )
+    slices: dict[Any, np.ndarray] = {}  # devices holding the same slice (replicated axes) share one conversion
+
+    def slice_of(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((i.start, i.stop, i.step) for i in index)
+        if key not in slices:
+            slices[key] = np.ascontiguousarray(value[index], dtype=dtype)
+        return slices[key]
+
+    return jax.make_array_from_callback(tuple(value.shape), sharding, slice_of, dtype=dtype)
 
 
 def convert_from_params(
