@@ -214,3 +214,29 @@ def test_place_tensor_converts_each_distinct_slice_once():
         assert Counting.reads == distinct == len({str(s.index) for s in placed.addressable_shards}), spec
         assert placed.dtype == jnp.bfloat16 and placed.sharding == NamedSharding(mesh, spec)
         np.testing.assert_array_equal(np.asarray(placed, np.float32), x)
+
+
+def test_export_gathers_and_writes_one_tensor_at_a_time(llama_dir, tmp_path, monkeypatch):
+    """export_hf of params on a mesh: each tensor is gathered to host, converted and written before
+    the next one is gathered; the files hold the params' values (here rounded to bf16)."""
+    from jaxlm.checkpoints.hf import ParamTensors, read_safetensors
+    from jaxlm.checkpoints.pretrained import export_hf
+
+    pre = load_pretrained(llama_dir, mesh=make_mesh(MESH))
+    refs, alive = [], []
+    convert = ParamTensors.__getitem__
+
+    def converting(self, name):
+        value = convert(self, name)
+        alive.append(sum(ref() is not None for ref in refs))
+        refs.append(weakref.ref(value))
+        return value
+
+    monkeypatch.setattr(ParamTensors, "__getitem__", converting)
+    out = export_hf(pre, tmp_path / "bf16", dtype="bfloat16", max_shard_bytes=20_000)
+    assert alive == [0] * 21  # every earlier host tensor was dropped when the next was gathered
+    tensors = read_safetensors(out)
+    assert len({f for f, *_ in tensors.entries.values()}) > 1  # sharded files, streamed the same way
+    q = np.asarray(tensors["model.layers.0.self_attn.q_proj.weight"], np.float32)
+    want = pre.params["layers_0"]["self_attn"]["q_proj"]["kernel"].astype(jnp.bfloat16)
+    np.testing.assert_array_equal(q, np.asarray(want, np.float32).T)

@@ -273,8 +273,7 @@ class LanguageModel:
         from jaxlm.checkpoints.peft import export_peft_adapter
         from jaxlm.checkpoints.pretrained import export_hf
 
-        output = Path(output)
-        trainable, frozen = jax.device_get(trainable), jax.device_get(frozen)
+        output = Path(output)  # device arrays are gathered to host tensor by tensor as they are written
         if self.lora is None:
             if merged:
                 raise ConfigError(f"{type(self).__name__}: merged=True needs a LoRA run (this is a full finetune)")

@@ -546,7 +546,7 @@ class TAGIDistillation(LanguageModel):
         if dtype != "float32":
             raise ConfigError(f"TAGIDistillation: export dtype {dtype!r} is not supported; a hypernetwork export "
                               "is written in float32")
-        return save_hypernet(output, self, jax.device_get(trainable), jax.device_get(frozen))
+        return save_hypernet(output, self, jax.device_get(trainable), frozen)  # the base: written tensor by tensor
 
 
 def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, k: int = 32,
