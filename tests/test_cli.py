@@ -126,6 +126,28 @@ def test_errors_are_one_line_naming_the_problem(tiny_dir, tmp_path, capsys, cont
     assert len(err) == 1 and err[0].startswith("jaxlm: error:") and expected in err[0]
 
 
+def test_param_dtype_flag_loads_the_weights_in_that_dtype(tiny_dir, tmp_path, monkeypatch, capsys):
+    import jaxlm.checkpoints.pretrained as pretrained_mod
+
+    loaded = []
+    load = pretrained_mod.load_pretrained
+    monkeypatch.setattr(pretrained_mod, "load_pretrained", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    inp = _write(tmp_path / "in.jsonl", ROWS)
+    for dtype in ("float32", "bfloat16"):
+        assert main(["score", "--model", str(tiny_dir), "--input", str(inp), "--output", str(tmp_path / f"{dtype}.jsonl"),
+                     "--param_dtype", dtype]) == 0
+        assert {x.dtype for x in jax.tree_util.tree_leaves(loaded[-1].params)} == {jnp.dtype(dtype)}
+    half = jaxlm.load_pretrained(tiny_dir, param_dtype="bfloat16")
+    for row, o in zip(ROWS, _read(tmp_path / "bfloat16.jsonl")):  # the bf16 weights' numbers, computed in float32
+        assert o["logprob"] == pytest.approx(_reference_logprob(half, row["input_ids"], row["target_ids"]), abs=1e-4)
+    assert [o["logprob"] for o in _read(tmp_path / "bfloat16.jsonl")] != [o["logprob"] for o in _read(tmp_path / "float32.jsonl")]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_dir), "--input", str(inp), "--output", str(tmp_path / "g.jsonl"),
+                 "--param_dtype", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --param_dtype: invalid choice: 'int8'" in err[0], err
+
+
 def test_unsupported_architecture_is_named(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
@@ -137,7 +159,7 @@ def test_unsupported_architecture_is_named(tmp_path, capsys):
 def test_generate_text_with_chat_and_stop_on_smollm2(smollm2, tmp_path, monkeypatch):
     import jaxlm.checkpoints.pretrained as pretrained_mod
 
-    monkeypatch.setattr(pretrained_mod, "load_pretrained", lambda path, dtype="float32": smollm2)
+    monkeypatch.setattr(pretrained_mod, "load_pretrained", lambda path, dtype="float32", param_dtype="float32": smollm2)
     inp = _write(tmp_path / "in.jsonl", [{"inputs": "List three colours, one per line."}, {"inputs": "What is 2+2?"}])
     assert main(["generate", "--model", "smollm2-135m-instruct", "--input", str(inp), "--output", str(tmp_path / "g.jsonl"),
                  "--chat", "--stop", "\n", "--max_new_tokens", "24"]) == 0

@@ -45,6 +45,31 @@ def test_tiny_plan_numbers(tiny_report):
     assert r.fits and "FITS in 1 GiB HBM" in r.format()
 
 
+def test_param_dtype_binding_is_planned(tiny_report):
+    """train.param_dtype (what `jaxlm train --param_dtype` binds) sizes the params: bf16 halves them."""
+    parse_config([TINY], ["train.param_dtype = 'bfloat16'"])
+    try:
+        r = plan_run("data=2,fsdp=4", "cpu", hbm_gib=1.0)
+    finally:
+        gin.clear_config()
+    assert r.param_count == tiny_report.param_count
+    assert r.param_bytes == 2 * r.param_count // 4 == tiny_report.param_bytes // 2
+
+
+def test_plan_param_dtype_flag(capsys):
+    """`jaxlm plan --param_dtype` binds train.param_dtype: the printed per-device params halve in bf16."""
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["plan", "--gin_file", TINY, "--mesh", "data=2,fsdp=4", "--param_dtype", dtype]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("trainable params  "))
+        sizes[dtype] = line.split()[-2:]
+    assert sizes["float32"][1] == sizes["bfloat16"][1]  # same unit
+    assert float(sizes["float32"][0]) == pytest.approx(2 * float(sizes["bfloat16"][0]), rel=1e-3)  # 3 decimals printed
+    assert main(["plan", "--gin_file", TINY, "--param_dtype", "int4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --param_dtype: invalid choice: 'int4'" in err[0], err
+
+
 def test_hbm_verdict_and_default(tiny_report):
     r = tiny_report
     small = type(r)(**{**r.__dict__, "hbm_gib": r.peak_bytes / GIB / 2})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -138,8 +138,49 @@ def config_from_fields(fields: dict[str, Any], source: str) -> LlamaConfig:
     )
 
 
-def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Tokenizer]:
-    """(config, HF-named float32 tensors, tokenizer) of a llama-architecture GGUF file."""
+class GgufTensors(Mapping[str, np.ndarray]):
+    """The tensors of a GGUF file under HF names, each dequantized to float32 on access (the file is
+    memory-mapped): like `hf.SafetensorsTensors`, nothing is held beyond the tensor a caller keeps.
+
+    Attributes:
+      entries: {HF tensor name: the gguf package's ReaderTensor}.
+      heads: {HF name suffix of q/k projections: head count whose llama.cpp row permutation is undone}.
+    """
+
+    def __init__(self, entries: Mapping[str, Any], heads: Mapping[str, int]):
+        self.entries, self.heads = dict(entries), dict(heads)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The (HF-order) shape of tensor `name`, without reading it."""
+        return tuple(int(d) for d in reversed(self.entries[name].shape))  # GGUF lists dims innermost first
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        import gguf
+
+        t = self.entries[name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(self.shape(name))
+        for suffix, n_heads in self.heads.items():
+            if name.endswith(suffix):
+                w = _unpermute(w, n_heads)
+        return w
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self.entries
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def load_gguf(path: str | Path) -> tuple[LlamaConfig, GgufTensors, Tokenizer]:
+    """(config, HF-named tensors dequantized to float32 one at a time on access, tokenizer) of a
+    llama-architecture GGUF file.
+
+    Raises:
+      CheckpointError: the file is missing or unreadable, or a key/tensor is refused (named).
+    """
     import dataclasses
 
     import gguf
@@ -153,19 +194,11 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Tok
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
     fields = read_fields(reader)
     config = config_from_fields(fields, str(path))
-    tensors: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        name = _hf_tensor_name(t.name, str(path))
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
-        if name.endswith("self_attn.q_proj.weight"):
-            w = _unpermute(w, config.num_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = _unpermute(w, config.num_kv_heads)
-        tensors[name] = w
+    tensors = GgufTensors({_hf_tensor_name(t.name, str(path)): t for t in reader.tensors},
+                          {"self_attn.q_proj.weight": config.num_heads, "self_attn.k_proj.weight": config.num_kv_heads})
     config = dataclasses.replace(config, tie_word_embeddings="lm_head.weight" not in tensors)
     if config.head_dim is None:
-        config = dataclasses.replace(config, head_dim=tensors["model.layers.0.self_attn.q_proj.weight"].shape[0] // config.num_heads)
+        config = dataclasses.replace(config, head_dim=tensors.shape("model.layers.0.self_attn.q_proj.weight")[0] // config.num_heads)
     tokenizer = Tokenizer.from_gguf_fields(fields, str(path))
     return config, tensors, tokenizer
 

@@ -18,6 +18,7 @@ import numpy as np
 from jaxlm.errors import JaxlmError
 
 WEIGHTS_NAME = "model.safetensors"
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # what params are held in and checkpoints are written in
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -89,6 +90,9 @@ class SafetensorsTensors(Mapping[str, np.ndarray]):
         if data.size != count:
             raise CheckpointError(f"{file}: tensor {name!r} is truncated ({data.size} of {count} values)")
         return data.reshape(shape)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self.entries
 
     def __iter__(self):
         return iter(self.entries)
@@ -193,9 +197,13 @@ def write_dir(
     """Write a HF directory atomically (a temp dir renamed into place): config.json, the tensors
     and whatever `write_extra(tmp_dir)` adds (tokenizer files); an existing directory is replaced whole.
 
+    Tensors are written one at a time (`write_safetensors`): with a `ParamTensors` mapping each is
+    converted (gathered from its devices) just before it is written and dropped after, so the
+    whole tree never exists on one host.
+
     Args:
       path: the directory.
-      tensors: {HF name: array} in the dtype to store.
+      tensors: {HF name: array} in the dtype to store, or a `ParamTensors` (converted on access).
       config: the config.json dict.
       write_extra: writes further files into the temp directory.
       max_shard_bytes: above this many bytes of tensors, write model-0000i-of-0000n.safetensors
@@ -205,26 +213,24 @@ def write_dir(
     Returns:
       `path`.
     """
-    from safetensors.numpy import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        total = sum(a.nbytes for a in arrays.values())
+        sizes = {k: _nbytes(*tensor_spec(tensors, k)) for k in tensors}
+        total = sum(sizes.values())
         if max_shard_bytes is None or total <= max_shard_bytes:
-            save_file(arrays, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            write_safetensors(tmp / WEIGHTS_NAME, tensors, list(tensors), {"format": "pt"})
         else:
-            shards: list[dict[str, np.ndarray]] = [{}]
-            for key, a in arrays.items():
-                if shards[-1] and sum(x.nbytes for x in shards[-1].values()) + a.nbytes > max_shard_bytes:
-                    shards.append({})
-                shards[-1][key] = a
+            shards: list[list[str]] = [[]]
+            for key, size in sizes.items():
+                if shards[-1] and sum(sizes[k] for k in shards[-1]) + size > max_shard_bytes:
+                    shards.append([])
+                shards[-1].append(key)
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                write_safetensors(tmp / name, tensors, shard, {"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, name))
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
@@ -243,6 +249,56 @@ def write_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def tensor_spec(tensors: Mapping[str, Any], name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, numpy dtype) of `tensors[name]`, without converting a `ParamTensors` entry."""
+    if isinstance(tensors, ParamTensors):
+        return tensors.spec(name)
+    value = tensors[name]
+    return tuple(np.shape(value)), np.dtype(value.dtype)
+
+
+def write_safetensors(file: Path, tensors: Mapping[str, Any], names: list[str], metadata: Mapping[str, str]) -> None:
+    """Write `names` of `tensors` as one .safetensors file, streaming: the header from their shapes
+    and dtypes, then each tensor's bytes, read from `tensors` one at a time and dropped after.
+
+    Args:
+      file: the file to write.
+      tensors: {name: array} or a `ParamTensors`.
+      names: the tensors to write, in file order.
+      metadata: the header's `__metadata__` (str -> str).
+
+    Raises:
+      ValueError: a tensor's dtype has no safetensors name, or a converted tensor differs from its spec.
+    """
+    import struct
+
+    names_of = {np.dtype(v): k for k, v in _safetensors_dtypes().items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    specs, offset = {}, 0
+    for name in names:
+        shape, dtype = specs[name] = tensor_spec(tensors, name)
+        if dtype not in names_of:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        size = _nbytes(shape, dtype)
+        header[name] = {"dtype": names_of[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            value = np.ascontiguousarray(tensors[name])  # converted here, this tensor only
+            if (tuple(value.shape), value.dtype) != specs[name]:
+                raise ValueError(f"tensor {name!r} is {value.shape} {value.dtype}, its spec {specs[name]}")
+            f.write(value.reshape(-1).view(np.uint8).data)
+            del value
 
 
 def hf_tensor_name(
@@ -290,13 +346,17 @@ def convert_to_params(
     hf_name: Callable[[tuple[str, ...]], str],
     source: str,
     dtype: Any = np.float32,
+    shardings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fill the param tree `expected` (abstract shapes) from HF `tensors`, one tensor at a time.
 
     `hf_name(path)` gives the HF tensor name of our param `path`; kernels are stored (in, out) here
     and (out, in) in HF, so 2-D `kernel` leaves are transposed. Each tensor is read from its stored
-    dtype straight into a jax array of `dtype`, so a bf16 checkpoint loaded with a bf16 `dtype` never
-    exists in float32.
+    dtype straight into `dtype`, so a bf16 checkpoint loaded with a bf16 `dtype` never exists in
+    float32. With `shardings`, each tensor is placed on its mesh shards as it is read
+    (`place_tensor`: every device receives only its slice, converted on host from the stored
+    dtype) and the host copy is dropped before the next tensor is read, so the whole param tree
+    never exists on one host.
 
     Args:
       tensors: {HF name: array} (memory-mapped views are read here, one at a time).
@@ -304,9 +364,12 @@ def convert_to_params(
       hf_name: our param path -> HF tensor name.
       source: named in errors.
       dtype: the params' dtype (the model's param_dtype).
+      shardings: None (each param a jax array on the default device), or a tree with the structure
+        of `expected` of `jax.sharding.Sharding`s (e.g. `jaxlm.sharding.logical_sharding` of the
+        model's logical axes on a mesh).
 
     Returns:
-      The param tree of jax arrays in `dtype`.
+      The param tree of jax arrays in `dtype` (global arrays in `shardings` when given).
 
     Raises:
       CheckpointError: a missing tensor or a shape mismatch, naming the tensor and `source`.
@@ -317,6 +380,7 @@ def convert_to_params(
 
     flat = {}
     leaves = flatten(expected)
+    placements = flatten(shardings) if shardings is not None else {}
     progress = bar(len(leaves), f"load {Path(source).name}", "tensor")
     for path, leaf in leaves.items():
         progress.update(1)
@@ -330,17 +394,74 @@ def convert_to_params(
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {value.shape}, expected {tuple(leaf.shape)} for {'/'.join(path)}"
             )
-        flat[path] = jnp.asarray(value, dtype)
+        if shardings is None:
+            flat[path] = jnp.asarray(value, dtype)
+        else:
+            flat[path] = place_tensor(value, placements[path], dtype)
+        del value  # the host copy goes before the next tensor is read
     progress.close()
     return unflatten(flat)
 
 
+def place_tensor(value: np.ndarray, sharding: Any, dtype: Any) -> Any:
+    """One host tensor -> a global jax.Array in `sharding`, each addressable device receiving only
+    its slice, converted to `dtype` on host slice by slice (`jax.make_array_from_callback`; a slice
+    several devices hold is converted once).
+
+    Args:
+      value: the tensor (any numpy / ml_dtypes dtype, any strides: a transposed view is fine).
+      sharding: a `jax.sharding.Sharding` of `value.shape` (e.g. a NamedSharding on a mesh).
+      dtype: the array's dtype.
+
+    Returns:
+      A jax.Array of `value.shape` and `dtype`, laid out in `sharding`.
+    """
+    import jax
+
+    slices: dict[Any, np.ndarray] = {}  # devices holding the same slice (replicated axes) share one conversion
+
+    def slice_of(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((i.start, i.stop, i.step) for i in index)
+        if key not in slices:
+            slices[key] = np.ascontiguousarray(value[index], dtype=dtype)
+        return slices[key]
+
+    return jax.make_array_from_callback(tuple(value.shape), sharding, slice_of, dtype=dtype)
+
+
+class ParamTensors(Mapping[str, np.ndarray]):
+    """Our param tree seen as {HF name: (out, in) array in `dtype`}, each converted on access (a
+    device array is gathered to host then, one at a time); `spec(name)` gives shape and dtype
+    without converting. What `convert_from_params` returns and `write_dir` streams to disk."""
+
+    def __init__(self, params: Mapping[str, Any], hf_name: Callable[[tuple[str, ...]], str], dtype: Any):
+        self.dtype = np.dtype(dtype)
+        self.paths = {hf_name(path): (path, value) for path, value in flatten(params).items()}
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(HF-order shape, stored dtype) of tensor `name`, nothing converted."""
+        path, value = self.paths[name]
+        shape = tuple(np.shape(value))
+        return (shape[::-1] if path[-1] == "kernel" else shape), self.dtype
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, value = self.paths[name]
+        value = np.asarray(value).astype(self.dtype)
+        return value.T if path[-1] == "kernel" else value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.paths
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
 def convert_from_params(
     params: Mapping[str, Any], hf_name: Callable[[tuple[str, ...]], str], dtype: Any = np.float32
-) -> dict[str, np.ndarray]:
-    """Inverse of `convert_to_params`: our param tree -> {HF name: (out, in) array in `dtype`}."""
-    out = {}
-    for path, value in flatten(params).items():
-        value = np.asarray(value).astype(dtype)
-        out[hf_name(path)] = value.T if path[-1] == "kernel" else value
-    return out
+) -> ParamTensors:
+    """Inverse of `convert_to_params`: our param tree -> {HF name: (out, in) array in `dtype`},
+    converted tensor by tensor on access (`ParamTensors`)."""
+    return ParamTensors(params, hf_name, dtype)

@@ -25,7 +25,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaxlm.checkpoints.fields import refuse
-from jaxlm.checkpoints.hf import CheckpointError, flatten, read_json_object, read_safetensors_file, unflatten
+from jaxlm.checkpoints.hf import (
+    FLOAT_DTYPES,
+    CheckpointError,
+    flatten,
+    read_json_object,
+    read_safetensors_file,
+    unflatten,
+)
 from jaxlm.checkpoints.pretrained import Pretrained, family
 from jaxlm.files import write_dir_atomically
 from jaxlm.models.lora import LoraWeights
@@ -79,6 +86,7 @@ def export_peft_adapter(
     path: str | Path,
     base_model_name_or_path: str | None = None,
     modules_to_save: Sequence[str] = (),
+    dtype: str = "float32",
 ) -> Path:
     """Write one adapter (no batch axis) as a PEFT directory, atomically.
 
@@ -92,15 +100,21 @@ def export_peft_adapter(
       base_model_name_or_path: written to the config (default: `pretrained.source`).
       modules_to_save: base module names (e.g. "lm_head") whose full params are saved beside the
         adapter, as peft's `modules_to_save`.
+      dtype: the stored tensors' dtype (one of `hf.FLOAT_DTYPES`; peft loads each).
 
     Returns:
       `path`.
 
     Raises:
-      ValueError: `lora` is batched, or a name in `modules_to_save` matches no module of the base.
+      ValueError: `lora` is batched, a name in `modules_to_save` matches no module of the base, or
+        `dtype` is not one of `hf.FLOAT_DTYPES`.
     """
+    import jax.numpy as jnp
     from safetensors.numpy import save_file
 
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: expected float32, bfloat16 or float16")
+    stored = jnp.dtype(dtype)
     if lora.batched:
         raise ValueError("export one adapter at a time: this LoRA has a leading batch axis (use lora.select)")
     tensors: dict[str, np.ndarray] = {}
@@ -110,7 +124,7 @@ def export_peft_adapter(
         module_path, leaf = leaf_path[:-1], leaf_path[-1]
         module = _module_name(pretrained.family, module_path)
         kind = "lora_A" if leaf == "a" else "lora_B"
-        tensors[f"{_PREFIX}{module}.{kind}.weight"] = np.ascontiguousarray(np.asarray(value, np.float32).T)
+        tensors[f"{_PREFIX}{module}.{kind}.weight"] = np.ascontiguousarray(np.asarray(value, np.float32).T.astype(stored))
         targets.add(module_path[-1])
         r = int(value.shape[-1 if leaf == "a" else 0])
         if r != lora.rank:
@@ -122,7 +136,7 @@ def export_peft_adapter(
             raise ValueError(f"modules_to_save: {name!r} is not a module of this {pretrained.family} model")
         for p in found:
             value = np.asarray(flatten(pretrained.params)[p], np.float32)
-            tensors[_PREFIX + fam.hf_name(p)] = np.ascontiguousarray(value.T if p[-1] == "kernel" else value)
+            tensors[_PREFIX + fam.hf_name(p)] = np.ascontiguousarray((value.T if p[-1] == "kernel" else value).astype(stored))
     config = {
         "peft_type": "LORA",
         "task_type": _TASK_TYPES[pretrained.family],

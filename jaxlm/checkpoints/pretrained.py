@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.sharding import Mesh
 
+from jaxlm import sharding
 from jaxlm.checkpoints import hf
 from jaxlm.checkpoints.fields import CONFIG_TABLES, check_config
 from jaxlm.checkpoints.generation import GenerationConfig, generation_config_to_hf, read_generation_config
@@ -205,24 +207,40 @@ def load_tokenizer(name: str) -> Tokenizer:
     return read_tokenizer(name)
 
 
-def load_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str = "float32") -> Pretrained:
+def load_pretrained(
+    path: str | Path,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    mesh: Mesh | None = None,
+    weights: bool = True,
+) -> Pretrained:
     """Config, params and tokenizer from a HF directory, a .gguf file or an installed package name.
 
-    Safetensors are memory-mapped and each tensor is converted from its stored dtype straight to
-    `param_dtype`, one at a time (a bf16 checkpoint loaded with param_dtype="bfloat16" never exists
-    in float32; GGUF tensors are dequantized to float32 first).
+    Tensors are read one at a time (safetensors memory-mapped, in their stored dtype; GGUF tensors
+    dequantized to float32 one by one) and each is converted straight to `param_dtype` (a bf16
+    checkpoint loaded with param_dtype="bfloat16" never exists in float32). With `mesh`, each
+    tensor is placed on its shards as it is read (`hf.place_tensor`; shardings from the model's
+    logical axes and `jaxlm.sharding.LOGICAL_RULES`, as `TrainStep` shards params) and its host
+    copy is dropped before the next one, so the whole param tree never exists on one host.
 
     Args:
       path: a HF directory, a .gguf file or a weight-package name.
       dtype: the computation dtype ("float32", "bfloat16").
-      param_dtype: the dtype the params are held in.
+      param_dtype: the dtype the params are held in (one of `hf.FLOAT_DTYPES`).
+      mesh: place the params on this mesh (global jax.Arrays in NamedShardings); None: each param
+        on the default device.
+      weights: False reads no tensor: `params` is the tree of `jax.ShapeDtypeStruct`s (shapes in
+        `param_dtype`) for the config, tokenizer, logical axes and shapes alone.
 
     Returns:
       The Pretrained (config with these dtypes).
 
     Raises:
       CheckpointError: one line naming the file and field/tensor for anything unreadable or refused.
+      ValueError: `param_dtype` is not one of `hf.FLOAT_DTYPES`.
     """
+    if param_dtype not in hf.FLOAT_DTYPES:
+        raise ValueError(f"param_dtype {param_dtype!r}: expected float32, bfloat16 or float16")
     p = resolve_path(path)
     generation = None
     if p.is_file() and p.suffix == ".gguf":
@@ -252,8 +270,13 @@ def load_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str =
     else:
         raise CheckpointError(f"{p}: expected a Hugging Face model directory or a .gguf file")
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype)
-    expected = nn.unbox(abstract_params(fam.name, config))
-    params = hf.convert_to_params(_strip_prefix(tensors, fam), expected, fam.hf_name, str(p), jnp.dtype(param_dtype))
+    boxed = abstract_params(fam.name, config)
+    expected = nn.unbox(boxed)
+    if not weights:
+        return Pretrained(fam.name, config, expected, tokenizer, str(p), generation)
+    shardings = None if mesh is None else sharding.logical_sharding(nn.get_partition_spec(boxed), expected, mesh)
+    params = hf.convert_to_params(_strip_prefix(tensors, fam), expected, fam.hf_name, str(p), jnp.dtype(param_dtype),
+                                  shardings)
     return Pretrained(fam.name, config, params, tokenizer, str(p), generation)
 
 
@@ -292,7 +315,7 @@ def export_hf(
       `path`.
     """
     fam = family(pretrained.family)
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in hf.FLOAT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: expected float32, bfloat16 or float16")
     tensors = hf.convert_from_params(nn.unbox(params if params is not None else pretrained.params), fam.hf_name,
                                      jnp.dtype(dtype))

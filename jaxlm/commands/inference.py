@@ -46,12 +46,16 @@ number). Prompts that share a long token prefix compute it once (Llama; the same
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from jaxlm.checkpoints.hf import FLOAT_DTYPES
+
     p.add_argument("--model", required=True, help="a causal or seq2seq LM: HF directory, .gguf file, or the installed smollm2-135m-instruct")
     p.add_argument("--input", required=True, help="input JSONL file")
     p.add_argument("--output", required=True, help="output JSONL file")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory applied to every example")
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--param_dtype", default="float32", choices=FLOAT_DTYPES,
+                   help="dtype the weights are held in (each tensor converted from its stored dtype as it is read)")
     p.add_argument("--resume", action="store_true", help="keep complete lines of an existing --output and continue")
     p.add_argument("--truncate", default=None, choices=["left", "right"],
                    help="cut an input that does not fit the model's max_position_embeddings (with the target, or "
@@ -64,7 +68,7 @@ def _load(args) -> tuple[Any, Any]:
     from jaxlm.checkpoints.peft import load_peft_model
     from jaxlm.checkpoints.pretrained import load_pretrained
 
-    pretrained = load_pretrained(args.model, dtype=args.dtype)
+    pretrained = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
     if not args.adapter:
         return pretrained, None
     return load_peft_model(args.adapter, pretrained)  # modules_to_save replace base params

@@ -42,7 +42,8 @@ def _parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: 
 
 def plan_command(args: Any) -> int:
     """`jaxlm plan`: parse gin, pick devices (topology, this process, or a CPU subprocess), print the report."""
-    bindings = gin_bindings(args)
+    flags = [f"train.param_dtype = {args.param_dtype!r}"] if args.param_dtype else []  # as `train --param_dtype`
+    bindings = flags + gin_bindings(args)  # --gin bindings win
     search_paths = gin_search_paths(args)
     _parse_gin(args.gin_file, bindings, search_paths)  # a typo fails here, before any compile
     hbm = _default_hbm(args.platform, args.hbm_gib)
@@ -94,11 +95,16 @@ def _child_main(spec_json: str) -> int:
 
 def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
     """Add `plan`; return {"plan": handler}."""
+    from jaxlm.checkpoints.hf import FLOAT_DTYPES
+
     plan = gin_subparser(subparsers, "plan", help="compile a gin run for a mesh/topology; print memory, FLOPs, fit")
     add_gin_flags(plan)
     plan.add_argument("--mesh", default="data=-1", help="mesh shape, e.g. data=8,fsdp=32")
     plan.add_argument("--platform", default="cpu", choices=["tpu", "gpu", "cpu"])
     plan.add_argument("--hbm_gib", type=float, default=None, help="device memory to fit in (default by platform)")
+    plan.add_argument("--param_dtype", default=None, choices=FLOAT_DTYPES,
+                      help="dtype params are held in, as `jaxlm train --param_dtype` (the same as "
+                           "--gin.train.param_dtype=\"'...'\"; default: the config's)")
     return {"plan": plan_command}
 
 

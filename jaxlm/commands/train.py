@@ -45,8 +45,9 @@ def cmd_train(args: Any) -> int:
 
     if not args.gin_file:
         raise UsageError("jaxlm train needs at least one --gin_file")
-    mesh = [f"train.mesh_shape = {args.mesh!r}"] if args.mesh else []  # as `plan --mesh`; --gin bindings win
-    parse_config(args.gin_file, mesh + gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
+    flags = [f"train.mesh_shape = {args.mesh!r}"] if args.mesh else []  # as `plan --mesh`; --gin bindings win
+    flags += [f"train.param_dtype = {args.param_dtype!r}"] if args.param_dtype else []
+    parse_config(args.gin_file, flags + gin_bindings(args), gin_search_paths(args))  # ConfigError before any compute
     writable_dir(args.workdir, "--workdir")  # created only once the config parses, checked before any compute
     initialize_distributed()  # joins a SLURM/TPU-pod/launcher run; a no-op for one process
 
@@ -88,6 +89,8 @@ def cmd_adapter(args: Any) -> int:
 
 def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
     """Add `train` and `adapter`; return {command name: handler(args) -> exit status}."""
+    from jaxlm.checkpoints.hf import FLOAT_DTYPES
+
     train = gin_subparser(subparsers, "train", help="train from gin files", description=TRAIN_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_flags(train)
@@ -95,6 +98,10 @@ def register(subparsers: Any) -> dict[str, Callable[[Any], int]]:
     train.add_argument("--mesh", default=None,
                        help="mesh shape, e.g. data=8,fsdp=32 (the same as --gin.train.mesh_shape=\"'...'\"; "
                             "default: the config's train.mesh_shape)")
+    train.add_argument("--param_dtype", default=None, choices=FLOAT_DTYPES,
+                       help="dtype params are held and trained in; a pretrained base is read into it tensor by "
+                            "tensor (the same as --gin.train.param_dtype=\"'...'\"; default: the config's "
+                            "train.param_dtype, else the objective's param_dtype, else float32)")
     adapter = subparsers.add_parser("adapter", help="PEFT adapter from a TAGI hypernetwork and an instruction",
                                     description=ADAPTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     adapter.add_argument("--hypernet", required=True, help="TAGI run dir or its hypernet/ dir")

@@ -44,7 +44,9 @@ class EvalModel:
     merged into its `base_model_name_or_path`; or a `jaxlm train` run directory, exported from its
     newest checkpoint as `jaxlm export` does), the base model of a TAGI `hypernet` (what
     `Adapter(hypernet=...)` adapts), or a randomly initialised `config` (tests) that borrows the
-    tokenizer of the model named by `tokenizer`."""
+    tokenizer of the model named by `tokenizer`. `dtype` is the compute dtype; `param_dtype` the dtype
+    the weights are held in (a checkpoint's tensors are converted to it one at a time; None: float32
+    for a checkpoint, the `config`'s for a random init; a `hypernet` base refuses it)."""
 
     name: str
     pretrained: str | None = None
@@ -53,8 +55,26 @@ class EvalModel:
     hypernet: str | None = None
     seed: int = 0
     dtype: str = "float32"
+    param_dtype: str | None = None
 
-    def load(self) -> Any:
+    def load(self, mesh: Any = None) -> Any:
+        """The model as a `Pretrained`.
+
+        Args:
+          mesh: a `jax.sharding.Mesh`: a checkpoint's tensors (a HF dir, .gguf, weight package, a PEFT
+            dir's base, a run dir's export) are placed on its shards as they are read
+            (`load_pretrained(mesh=)`); None: the default device. A hypernet base or a random init is
+            loaded on the default device either way (the engine shards it).
+
+        Returns:
+          The Pretrained (a PEFT dir: its LoRA merged into the base).
+
+        Raises:
+          ConfigError: not exactly one of pretrained / config / hypernet, a bad `param_dtype`, a
+            random-init config without `tokenizer`, or a run dir whose export fails.
+          CheckpointError: a file cannot be read (named).
+        """
+        from jaxlm.checkpoints.hf import FLOAT_DTYPES
         from jaxlm.checkpoints.pretrained import (
             Pretrained,
             init_params,
@@ -64,21 +84,28 @@ class EvalModel:
 
         if sum(x is not None for x in (self.pretrained, self.config, self.hypernet)) != 1:
             raise ConfigError(f"EvalModel {self.name!r}: set exactly one of pretrained, config or hypernet")
+        if self.param_dtype not in (None, *FLOAT_DTYPES):
+            raise ConfigError(f"EvalModel {self.name!r}: param_dtype={self.param_dtype!r}, expected one of {FLOAT_DTYPES}")
+        if self.hypernet is not None and self.param_dtype is not None:
+            raise ConfigError(f"EvalModel {self.name!r}: param_dtype is not supported with hypernet (its base "
+                              "is read as the hypernetwork export holds it)")
+        param_dtype = self.param_dtype or "float32"
         if self.hypernet is not None:
             from jaxlm.checkpoints.hypernet import load_hypernet
 
             return load_hypernet(self.hypernet).base
         if self.pretrained is not None:
-            return _load_trained(Path(self.pretrained), self.dtype) if Path(self.pretrained).is_dir() \
-                else load_pretrained(self.pretrained, dtype=self.dtype)
+            return _load_trained(Path(self.pretrained), self.dtype, param_dtype, mesh) if Path(self.pretrained).is_dir() \
+                else load_pretrained(self.pretrained, dtype=self.dtype, param_dtype=param_dtype, mesh=mesh)
         if self.tokenizer is None:
             raise ConfigError(f"EvalModel {self.name!r}: a random-init config needs EvalModel.tokenizer (text in, text out)")
         family = self.config.family
-        return Pretrained(family, self.config, init_params(family, self.config, self.seed), load_tokenizer(self.tokenizer),
+        config = dataclasses.replace(self.config, param_dtype=self.param_dtype) if self.param_dtype else self.config
+        return Pretrained(family, config, init_params(family, config, self.seed), load_tokenizer(self.tokenizer),
                           f"random-init:{self.name}")
 
 
-def _load_trained(directory: Path, dtype: str) -> Any:
+def _load_trained(directory: Path, dtype: str, param_dtype: str = "float32", mesh: Any = None) -> Any:
     """A HF dir as is; a PEFT dir merged into its base; a run dir exported first (`jaxlm export`, in a
     child process: the run's own gin config must not replace the sweep's) into directory/export/."""
     import json
@@ -100,8 +127,9 @@ def _load_trained(directory: Path, dtype: str) -> Any:
         directory = out
     adapter_config = directory / "adapter_config.json"
     if not adapter_config.is_file():
-        return load_pretrained(directory, dtype=dtype)
-    base = load_pretrained(json.loads(adapter_config.read_text())["base_model_name_or_path"], dtype=dtype)
+        return load_pretrained(directory, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    base = load_pretrained(json.loads(adapter_config.read_text())["base_model_name_or_path"], dtype=dtype,
+                           param_dtype=param_dtype, mesh=mesh)
     base, lora = load_peft_model(directory, base)  # modules_to_save replace base params
     merged = merge(base.params, lora)
     return Pretrained(base.family, base.config, merged, base.tokenizer, str(directory), base.generation)
@@ -248,7 +276,7 @@ def eval_sweep(
         mine = [c for c in todo if c.model == model.name]
         if not mine:
             continue
-        engine = Engine(model.load(), batch_size=batch_size, mesh=mesh, prefix_cache=prefix_cache,
+        engine = Engine(model.load(mesh), batch_size=batch_size, mesh=mesh, prefix_cache=prefix_cache,
                         **({"buckets": tuple(buckets)} if buckets else {}))
         ctx = methods_lib.EvalContext(
             engine, engine.pretrained.tokenizer,

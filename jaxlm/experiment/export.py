@@ -24,7 +24,7 @@ RUN_CONFIG = "config.gin"
 
 
 def export_run(workdir: str | Path, output: str | Path, *, step: int | None = None, merged: bool = False,
-               search_paths: Sequence[str] = ()) -> dict[str, Any]:
+               search_paths: Sequence[str] = (), dtype: str = "float32") -> dict[str, Any]:
     """Write the model a run trained.
 
     Args:
@@ -34,13 +34,15 @@ def export_run(workdir: str | Path, output: str | Path, *, step: int | None = No
       step: the checkpoint step (default: the newest readable one).
       merged: fold a LoRA into the base and write a plain HF directory.
       search_paths: gin search paths (for a config whose includes are not under the checkout).
+      dtype: the written tensors' dtype ("float32", "bfloat16", "float16"; a TAGI hypernetwork
+        export refuses all but float32).
 
     Returns:
       {"output": str, "step": int, "objective": class name}.
 
     Raises:
       UsageError: `workdir` is not a run directory; CheckpointError: no readable checkpoint;
-      ConfigError: the run's config does not parse, or `merged` does not apply to its objective.
+      ConfigError: the run's config does not parse, or `merged` / `dtype` does not apply to its objective.
     """
     config = Path(workdir) / RUN_CONFIG
     if not config.is_file():
@@ -64,6 +66,7 @@ def export_run(workdir: str | Path, output: str | Path, *, step: int | None = No
     state, frozen, at = restore_trained(
         workdir, objective=objective, optimizer=optimizer, mesh_shape=mesh_shape,
         microbatches=bound.get("microbatches", 1), compute_dtype=bound.get("compute_dtype", "float32"),
+        param_dtype=bound.get("param_dtype"),
         seed=bound.get("seed", 0), step=step)
-    path = objective.export(output, state.params, frozen, merged=merged)
+    path = objective.export(output, state.params, frozen, merged=merged, dtype=dtype)
     return {"output": str(path), "step": at, "objective": type(objective).__name__}

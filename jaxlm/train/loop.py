@@ -34,13 +34,13 @@ class NonFiniteLossError(JaxlmError):
 
 
 def _train_step(objective: Any, optimizer: optax.GradientTransformation, mesh_shape: str, microbatches: int,
-                compute_dtype: str) -> TrainStep:
+                compute_dtype: str, param_dtype: str | None = None) -> TrainStep:
     """The sharded step `train` runs and `restore_trained` restores into (one construction for both)."""
     try:
         mesh = make_mesh(mesh_shape)
     except ValueError as e:
         raise ConfigError(f"train.mesh_shape={mesh_shape!r}: {e}") from None
-    return TrainStep(objective, optimizer, mesh, microbatches, compute_dtype)
+    return TrainStep(objective, optimizer, mesh, microbatches, compute_dtype, param_dtype)
 
 
 @gin.configurable(denylist=["workdir"])
@@ -54,6 +54,7 @@ def train(
     mesh_shape: str = "data=-1",
     microbatches: int = 1,
     compute_dtype: str = "float32",
+    param_dtype: str | None = None,
     log_every: int = 1,
     checkpoint_every: int | None = None,
     keep_last: int = 3,
@@ -75,7 +76,9 @@ def train(
     every N steps and after the last step, as `eval/<metric>` lines of metrics.jsonl and TensorBoard
     scalars (`jaxlm.train.evaluation`). `profile_steps` = (start, stop) traces the steps numbered
     start .. stop - 1 (numbered as in metrics.jsonl, from 1) with `jax.profiler` into
-    `workdir/profile/` (open with TensorBoard's profile plugin or xprof).
+    `workdir/profile/` (open with TensorBoard's profile plugin or xprof). `compute_dtype` is the
+    activations' dtype; `param_dtype` (None: the objective's own) the dtype params are held and
+    trained in, a pretrained base read into it tensor by tensor (`TrainStep`).
 
     Returns {"step", "loss" (last), "losses" ({step: loss} of this invocation), "skipped_steps",
     "resumed_from", "workdir", "evals" ({step: eval metrics} of this invocation)}.
@@ -97,7 +100,7 @@ def train(
     profile = _profile_range(profile_steps, num_steps)
     workdir = local_dir(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
-    step_fn = _train_step(objective, optimizer, mesh_shape, microbatches, compute_dtype)
+    step_fn = _train_step(objective, optimizer, mesh_shape, microbatches, compute_dtype, param_dtype)
     iterator = data(shard_index=jax.process_index(), num_shards=jax.process_count())
     rng = jax.random.PRNGKey(seed)
     if jax.process_index() == 0:
@@ -260,6 +263,7 @@ def restore_trained(
     mesh_shape: str = "data=-1",
     microbatches: int = 1,
     compute_dtype: str = "float32",
+    param_dtype: str | None = None,
     seed: int = 0,
     step: int | None = None,
 ) -> tuple[Any, Any, int]:
@@ -267,7 +271,7 @@ def restore_trained(
 
     Args:
       workdir: the run directory (its `checkpoints/` are read).
-      objective, optimizer, mesh_shape, microbatches, compute_dtype, seed: the run's `train` arguments
+      objective, optimizer, mesh_shape, microbatches, compute_dtype, param_dtype, seed: the run's `train` arguments
         (the frozen params of a random-init base are a function of `seed`).
       step: the checkpoint step (default: the newest one that reads back).
 
@@ -283,7 +287,7 @@ def restore_trained(
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: missing (a run saves checkpoints when train.checkpoint_every is set)")
-    step_fn = _train_step(objective, optimizer, mesh_shape, microbatches, compute_dtype)
+    step_fn = _train_step(objective, optimizer, mesh_shape, microbatches, compute_dtype, param_dtype)
     with TrainCheckpointer(directory, async_save=False, read_only=True) as checkpointer:
         restored = checkpointer.restore(step_fn.abstract_state(), step=step)
     if restored is None:

@@ -22,8 +22,9 @@ from typing import Any, Protocol
 import gin
 import jax
 from flax import linen as nn
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
+from jaxlm.checkpoints.hf import FLOAT_DTYPES
 from jaxlm.checkpoints.pretrained import (
     Pretrained,
     abstract_params,
@@ -40,7 +41,13 @@ PyTree = Any
 
 
 class Objective(Protocol):
-    """What `TrainStep` trains: params split into a trainable and a frozen pytree, and a pure loss."""
+    """What `TrainStep` trains: params split into a trainable and a frozen pytree, and a pure loss.
+
+    An objective whose frozen parts are read from disk also has `pretrained_base(mesh=None,
+    abstract=False)` (the parts, placed on `mesh` as they are read, or their ShapeDtypeStructs),
+    `base_logical_axes()` (their logical axes) and `init(rng, base)` (built from them); see
+    `LanguageModel`. TrainStep then reads the shapes without weights and the weights onto its mesh.
+    """
 
     def init(self, rng: Array) -> tuple[PyTree, PyTree]:
         """(trainable, frozen) params; must work under `jax.eval_shape`.
@@ -76,8 +83,48 @@ class Objective(Protocol):
 
 @functools.lru_cache(maxsize=4)
 def _load_pretrained_cached(name: str) -> Pretrained:
-    """One load per process (an objective's init, axes and export all need the same weights)."""
+    """One host load per process, for small frozen parts kept on host (TAGI's MiniLM encoder)."""
     return load_pretrained(name)
+
+
+@functools.lru_cache(maxsize=8)
+def describe_pretrained(name: str, param_dtype: str = "float32") -> Pretrained:
+    """A checkpoint without its weights, once per process: config, tokenizer, generation config and
+    the abstract params (`jax.ShapeDtypeStruct`s in `param_dtype`); no tensor is read.
+
+    Args:
+      name: a HF directory, a .gguf file or a weight-package name.
+      param_dtype: the dtype the params would be held in.
+
+    Returns:
+      The `Pretrained` of `load_pretrained(name, param_dtype=param_dtype, weights=False)`.
+
+    Raises:
+      CheckpointError: `name` cannot be resolved or its config/tokenizer read.
+    """
+    return load_pretrained(name, param_dtype=param_dtype, weights=False)
+
+
+def read_pretrained_params(name: str, param_dtype: str = "float32", mesh: Mesh | None = None,
+                           abstract: bool = False) -> PyTree:
+    """The params of a checkpoint, read now (never cached: a trained run holds one copy, on its devices).
+
+    Args:
+      name: a HF directory, a .gguf file or a weight-package name.
+      param_dtype: the params' dtype.
+      mesh: place each tensor on its shards of this mesh as it is read (the whole tree never exists
+        on one host); None: arrays on the default device.
+      abstract: return the `jax.ShapeDtypeStruct` tree instead (nothing read).
+
+    Returns:
+      The plain param tree.
+
+    Raises:
+      CheckpointError: a tensor is missing, misshapen or unreadable (named).
+    """
+    if abstract:
+        return describe_pretrained(name, param_dtype).params
+    return load_pretrained(name, param_dtype=param_dtype, mesh=mesh).params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +132,9 @@ class LanguageModel:
     """Shared machinery of the LM objectives: the base model (random init from `model_config`, or the
     weights of `pretrained`: a HF dir, a .gguf file or an installed package name) and an optional LoRA.
 
-    `compute_dtype` overrides the model config's activation dtype (params keep `param_dtype`).
+    `compute_dtype` overrides the model config's activation dtype; `param_dtype` the dtype params are
+    held and trained in (a pretrained base is read into it tensor by tensor; None: float32 for a
+    pretrained base, the `model_config`'s for a random init).
     `context_across_rows` (decoder-only, packed batches): attend causally across packed rows with
     positions running over the whole sequence, GPT-style, instead of block-diagonal per row; every row
     then follows solved rows of other tasks, so the model learns to read cross-task demonstrations
@@ -96,6 +145,7 @@ class LanguageModel:
     pretrained: str | None = None
     lora: LoraSpec | None = None
     compute_dtype: str | None = None
+    param_dtype: str | None = None
     init_seed: int | None = None  # base params seed when not pretrained (default: the run's rng)
     context_across_rows: bool = False
 
@@ -105,6 +155,8 @@ class LanguageModel:
     def __post_init__(self) -> None:
         if (self.model_config is None) == (self.pretrained is None):
             raise ConfigError(f"{type(self).__name__}: set exactly one of model_config and pretrained")
+        if self.param_dtype not in (None, *FLOAT_DTYPES):
+            raise ConfigError(f"{type(self).__name__}.param_dtype = {self.param_dtype!r}: expected one of {FLOAT_DTYPES}")
         fam = self.config.family
         if self.expected_family and fam != self.expected_family:
             raise ConfigError(f"{type(self).__name__} trains a {self.expected_family} model, got a {fam} model")
@@ -112,17 +164,21 @@ class LanguageModel:
     # ---------------------------------------------------------------- model
     @property
     def base(self) -> Pretrained | None:
-        """The loaded `pretrained` checkpoint (loaded once per process), or None with `model_config`.
+        """The `pretrained` checkpoint without its weights (`describe_pretrained`: config, tokenizer,
+        abstract params; read once per process), or None with `model_config`.
 
         Raises:
           CheckpointError: `pretrained` cannot be resolved or read.
         """
-        return _load_pretrained_cached(self.pretrained) if self.pretrained else None
+        return describe_pretrained(self.pretrained, self.param_dtype or "float32") if self.pretrained else None
 
     @property
     def config(self) -> Any:
-        """The model config (`model_config` or the checkpoint's), with `compute_dtype` as its dtype when set."""
+        """The model config (`model_config` or the checkpoint's), with `compute_dtype` as its dtype and
+        `param_dtype` as its param_dtype when set."""
         config = self.base.config if self.pretrained else self.model_config
+        if self.param_dtype:
+            config = dataclasses.replace(config, param_dtype=self.param_dtype)
         return dataclasses.replace(config, dtype=self.compute_dtype) if self.compute_dtype else config
 
     @property
@@ -141,30 +197,56 @@ class LanguageModel:
         """
         return dataclasses.replace(self, compute_dtype=dtype)
 
-    def pretrained_base(self) -> PyTree | None:
-        """Host params of the pretrained base (placed by TrainStep, never baked into a jitted init).
+    def with_param_dtype(self, dtype: str) -> LanguageModel:
+        """A copy of this objective with `param_dtype=dtype` (params held and trained in it).
+
+        Args:
+          dtype: one of `FLOAT_DTYPES`.
 
         Returns:
-          The checkpoint's plain param tree, or None when the base is randomly initialised.
+          A new objective of the same class.
+
+        Raises:
+          ConfigError: `dtype` is not one of `FLOAT_DTYPES`.
         """
-        return self.base.params if self.pretrained else None
+        return dataclasses.replace(self, param_dtype=dtype)
+
+    def pretrained_base(self, mesh: Mesh | None = None, abstract: bool = False) -> PyTree | None:
+        """The pretrained base's params, read from disk now (TrainStep passes them to the jitted init,
+        never baking them in as constants).
+
+        Args:
+          mesh: place each tensor on its shards of this mesh as it is read (`load_pretrained(mesh=)`),
+            so the whole base never exists on one host; None: arrays on the default device.
+          abstract: the `jax.ShapeDtypeStruct`s instead (nothing read; for `jax.eval_shape`).
+
+        Returns:
+          The checkpoint's plain param tree in `param_dtype`, arrays read for this call and held by
+          nothing else (TrainStep's init consumes them), or None when the base is randomly initialised.
+
+        Raises:
+          CheckpointError: a tensor is missing, misshapen or unreadable (named).
+        """
+        if not self.pretrained:
+            return None
+        return read_pretrained_params(self.pretrained, self.param_dtype or "float32", mesh, abstract)
 
     def export_target(self, frozen: PyTree) -> Pretrained:
         """The `Pretrained` an adapter of this run is exported against (PEFT names, base path).
 
         Args:
-          frozen: the base params to use when there is no pretrained checkpoint.
+          frozen: the params to export with: the base params (LoRA) or the full trained params.
 
         Returns:
-          The loaded checkpoint (`frozen` is then ignored), or a tokenizer-less `Pretrained` with source
-          "random-init" holding `frozen`.
+          The checkpoint's config, tokenizer and source holding `frozen`, or a tokenizer-less
+          `Pretrained` with source "random-init" holding `frozen`.
         """
         if self.pretrained:
-            return self.base
+            return dataclasses.replace(self.base, params=frozen)
         return Pretrained(self.config.family, self.config, frozen, None, "random-init")
 
     def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False,
-               base_model_name_or_path: str | None = None) -> Path:
+               base_model_name_or_path: str | None = None, dtype: str = "float32") -> Path:
         """Write the trained model where transformers / peft read it.
 
         Args:
@@ -174,6 +256,8 @@ class LanguageModel:
           merged: with LoRA, fold the adapter into the base kernels and write a plain HF directory.
           base_model_name_or_path: with LoRA, the base the adapter names instead (e.g. a weight-package
             name `jaxlm --model` resolves); then no base is written beside the adapter.
+          dtype: the written tensors' dtype (one of `FLOAT_DTYPES`): the model, the adapter and a
+            base written beside it.
 
         Returns:
           `output`: a HF directory (config.json, model.safetensors, tokenizer when the base has one)
@@ -184,29 +268,30 @@ class LanguageModel:
 
         Raises:
           ConfigError: `merged=True` without LoRA.
+          ValueError: `dtype` is not one of `FLOAT_DTYPES`.
         """
         from jaxlm.checkpoints.peft import export_peft_adapter
         from jaxlm.checkpoints.pretrained import export_hf
 
-        output = Path(output)
-        trainable, frozen = jax.device_get(trainable), jax.device_get(frozen)
+        output = Path(output)  # device arrays are gathered to host tensor by tensor as they are written
         if self.lora is None:
             if merged:
                 raise ConfigError(f"{type(self).__name__}: merged=True needs a LoRA run (this is a full finetune)")
-            return export_hf(self.export_target(trainable), output, params=trainable)
+            return export_hf(self.export_target(trainable), output, params=trainable, dtype=dtype)
         lora = LoraWeights(trainable, self.lora.rank, self.lora.alpha)
         target = self.export_target(frozen)
         if merged:
-            return export_hf(target, output, params=lora_lib.merge(frozen, lora))
+            return export_hf(target, output, params=lora_lib.merge(frozen, lora), dtype=dtype)
         if base_model_name_or_path is not None:
-            return export_peft_adapter(lora, target, output, base_model_name_or_path=base_model_name_or_path)
+            return export_peft_adapter(lora, target, output, base_model_name_or_path=base_model_name_or_path,
+                                       dtype=dtype)
         base_dir = self._base_dir()
         written_base = base_dir is None
         if written_base:
             base_dir = (output / "base").resolve()
-        export_peft_adapter(lora, target, output, base_model_name_or_path=str(base_dir))
+        export_peft_adapter(lora, target, output, base_model_name_or_path=str(base_dir), dtype=dtype)
         if written_base:
-            export_hf(target, base_dir, params=frozen)
+            export_hf(target, base_dir, params=frozen, dtype=dtype)
         return output
 
     def _base_dir(self) -> Path | None:
@@ -230,8 +315,9 @@ class LanguageModel:
         Args:
           rng: a PRNG key, split into the base init's key (replaced by PRNGKey(init_seed) when set) and
             the LoRA A init's key.
-          base: base params to use as they are (TrainStep passes `pretrained_base()` placed on the
-            mesh); None: the checkpoint's params, or a random init from `model_config`.
+          base: base params to use as they are (TrainStep passes `pretrained_base(mesh)`, placed on
+            the mesh tensor by tensor, or its abstract form under `jax.eval_shape`); None: the
+            checkpoint's params read now, or a random init from `model_config`.
 
         Returns:
           Full finetune: (base params, {}). LoRA: (the LoRA param dict, leaves (D_in, r) / (r, D_out), or
@@ -245,7 +331,7 @@ class LanguageModel:
             rng_base = jax.random.PRNGKey(self.init_seed)
         if base is None:
             if self.pretrained:
-                base = self.base.params
+                base = self.pretrained_base()
             else:
                 fam = family(self.config.family)
                 base = nn.unbox(self.model.init(rng_base, *fam.init_args(self.config))["params"])
@@ -440,7 +526,8 @@ class LoRATeachers(LanguageModel):
         return lora_lib.per_example(LoraWeights(trainable, self.lora.rank, self.lora.alpha), batch["task_index"])
 
     def save_teachers(
-        self, directory: str | Path, trainable: PyTree, task_names: Sequence[str] | None, pretrained: Pretrained
+        self, directory: str | Path, trainable: PyTree, task_names: Sequence[str] | None, pretrained: Pretrained,
+        dtype: str = "float32",
     ) -> Path:
         """Each teacher as a PEFT adapter dir `directory/<task name>` plus a `teachers.json` index.
 
@@ -449,6 +536,7 @@ class LoRATeachers(LanguageModel):
           trainable: the stacked LoRA params, leaves (N, ...).
           task_names: N names, or None for `self.task_names` (else task_0 ... task_{N-1}).
           pretrained: the base the adapters belong to (PEFT module names, recorded base source).
+          dtype: the adapters' stored dtype (one of `FLOAT_DTYPES`).
 
         Returns:
           `directory`.
@@ -466,12 +554,13 @@ class LoRATeachers(LanguageModel):
         stacked = LoraWeights(jax.device_get(trainable), self.lora.rank, self.lora.alpha)
         entries = []
         for index, name in enumerate(names):
-            export_peft_adapter(lora_lib.select(stacked, index), pretrained, directory / name)
+            export_peft_adapter(lora_lib.select(stacked, index), pretrained, directory / name, dtype=dtype)
             entries.append({"task": name, "task_index": index, "adapter": name})
         write_teachers_index(directory, entries, base=pretrained.source, rank=self.lora.rank, alpha=self.lora.alpha)
         return directory
 
-    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
+    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False,
+               dtype: str = "float32") -> Path:
         """The teachers as a LoRATeachers directory at `output` (what the loop writes to RUN/teachers/).
 
         Args:
@@ -479,6 +568,7 @@ class LoRATeachers(LanguageModel):
           trainable: the stacked LoRA params.
           frozen: the base params (used when the base is not a pretrained checkpoint).
           merged: must be False.
+          dtype: the adapters' stored dtype (one of `FLOAT_DTYPES`).
 
         Returns:
           `output`, written by `save_teachers` with the configured task names.
@@ -488,4 +578,4 @@ class LoRATeachers(LanguageModel):
         """
         if merged:
             raise ConfigError("LoRATeachers: merged=True is not defined for a stack of per-task adapters")
-        return self.save_teachers(output, trainable, None, self.export_target(frozen))
+        return self.save_teachers(output, trainable, None, self.export_target(frozen), dtype)

@@ -228,7 +228,7 @@ def plan_run(mesh_spec: str, platform: str, hbm_gib: float | None, devices: Sequ
         raise ConfigError("train.objective and train.optimizer must be bound in the gin files")
     microbatches = _gin_value("train.microbatches", 1)
     compute_dtype = _gin_value("train.compute_dtype", "float32")
-    step = TrainStep(objective, optimizer, mesh, microbatches, compute_dtype)
+    step = TrainStep(objective, optimizer, mesh, microbatches, compute_dtype, _gin_value("train.param_dtype"))
     state, frozen = step.abstract_state(), step.abstract_frozen()
     batch_shapes = abstract_batch(_gin_value("train.data"))
     global_rows = next(iter(batch_shapes.values())).shape[0]

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import sharding
+from jaxlm.errors import ConfigError
 from jaxlm.train.optim import current_learning_rate
 from jaxlm.train.state import TrainState
 
@@ -67,7 +68,12 @@ def split_microbatches(batch: Mapping[str, jax.Array], count: int) -> dict[str, 
 
 
 class TrainStep:
-    """`step(state, frozen, batch) -> (state, metrics)`; see the module docstring."""
+    """`step(state, frozen, batch) -> (state, metrics)`; see the module docstring.
+
+    `compute_dtype` / `param_dtype` (when not None) replace the objective's activation / param dtype
+    (`with_compute_dtype`, `with_param_dtype`); an objective without a param dtype refuses the latter
+    (ConfigError).
+    """
 
     def __init__(
         self,
@@ -76,15 +82,22 @@ class TrainStep:
         mesh: Mesh,
         microbatches: int = 1,
         compute_dtype: str | None = None,
+        param_dtype: str | None = None,
     ) -> None:
         if compute_dtype is not None and hasattr(objective, "with_compute_dtype"):
             objective = objective.with_compute_dtype(compute_dtype)
+        if param_dtype is not None:
+            if not hasattr(objective, "with_param_dtype"):
+                raise ConfigError(f"train.param_dtype={param_dtype!r}: {type(objective).__name__} has no param_dtype")
+            objective = objective.with_param_dtype(param_dtype)
         if microbatches < 1:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
         self.objective, self.optimizer, self.mesh, self.microbatches = objective, optimizer, mesh, microbatches
         self.replicated = NamedSharding(mesh, PartitionSpec())
         trainable_axes, frozen_axes = objective.logical_axes()
-        abstract_trainable, abstract_frozen = jax.eval_shape(objective.init, jax.random.PRNGKey(0))
+        abstract_trainable, abstract_frozen = jax.eval_shape(
+            lambda rng, base: objective.init(rng) if base is None else objective.init(rng, base),
+            jax.random.PRNGKey(0), self._pretrained_base(abstract=True))  # no weights read for shapes
         self.trainable_shardings = sharding.logical_sharding(trainable_axes, abstract_trainable, mesh)
         self.frozen_shardings = sharding.logical_sharding(frozen_axes, abstract_frozen, mesh)
         abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
@@ -121,26 +134,42 @@ class TrainStep:
                            opt_state=self.optimizer.init(trainable), rng=rng_state)
         return state, frozen
 
+    def _pretrained_base(self, **kwargs):
+        """The objective's `pretrained_base(**kwargs)`, or None for an objective without one."""
+        read = getattr(self.objective, "pretrained_base", None)
+        return None if read is None else read(**kwargs)
+
     def _placed_base(self):
-        """A pretrained base is device_put from host in its shardings (never a constant inside a jit)."""
-        host = getattr(self.objective, "pretrained_base", lambda: None)()
-        if host is None:
+        """The frozen parts read from disk, in their shardings (never a constant inside a jit), each in
+        buffers of its own, which the jitted init consumes (`donate_argnums`: the frozen params it
+        returns reuse them, so the base never exists twice). The objective places each checkpoint
+        tensor on the mesh as it reads it for this call (the whole base never exists on one host):
+        those arrays are kept as they are; anything else (host arrays, device arrays a cache may
+        still hold) is copied into its sharding."""
+        base = self._pretrained_base(mesh=self.mesh)
+        if base is None:
             return None
         axes = self.objective.base_logical_axes()
-        return jax.device_put(host, sharding.logical_sharding(axes, host, self.mesh))
+
+        def place(x, where):
+            if isinstance(x, jax.Array) and x.sharding == where:
+                return x
+            return jax.device_put(x, where, may_alias=False)
+
+        return jax.tree_util.tree_map(place, base, sharding.logical_sharding(axes, base, self.mesh))
 
     def init_state(self, rng: jax.Array) -> tuple[TrainState, PyTree]:
         """(TrainState, frozen) built directly in their shardings."""
         base = self._placed_base()
         with jax.set_mesh(self.mesh):
-            fn = jax.jit(self._init_fn, out_shardings=(self.state_shardings, self.frozen_shardings))
+            fn = jax.jit(self._init_fn, out_shardings=(self.state_shardings, self.frozen_shardings), donate_argnums=(1,))
             return fn(rng, base)
 
     def init_frozen(self, rng: jax.Array) -> PyTree:
         """The frozen params alone (after a checkpoint restore: they are a function of the seed/weights)."""
         base = self._placed_base()
         with jax.set_mesh(self.mesh):
-            fn = jax.jit(lambda r, b: self._init_fn(r, b)[1], out_shardings=self.frozen_shardings)
+            fn = jax.jit(lambda r, b: self._init_fn(r, b)[1], out_shardings=self.frozen_shardings, donate_argnums=(1,))
             return fn(rng, base)
 
     # ------------------------------------------------------------------ the step

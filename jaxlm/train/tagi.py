@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxlm.checkpoints.hypernet import find_hypernet_dir, hypernet_config, read_metadata, read_params, save_hypernet
 from jaxlm.checkpoints.pretrained import Pretrained, abstract_params, family
@@ -51,7 +51,7 @@ from jaxlm.models import lora as lora_lib
 from jaxlm.models.lora import LoraWeights
 from jaxlm.train import losses
 from jaxlm.checkpoints.teachers import load_teachers
-from jaxlm.train.objectives import LanguageModel, _load_pretrained_cached
+from jaxlm.train.objectives import LanguageModel, _load_pretrained_cached, describe_pretrained, read_pretrained_params
 
 Array = jax.Array
 PyTree = Any
@@ -126,7 +126,7 @@ class TAGIDistillation(LanguageModel):
         if self.hypernet.fusion and self.config.family == "llama" and self.hypernet.fusion_dim is not None:
             raise ConfigError("HypernetConfig.fusion_dim: decoder-only fusion attends to the instruction's own "
                               "keys/values (no projection); leave fusion_dim unset for a Llama base")
-        if self.teacher_model is not None and _load_pretrained_cached(self.teacher_model).config.vocab_size != \
+        if self.teacher_model is not None and describe_pretrained(self.teacher_model).config.vocab_size != \
                 self.config.vocab_size:
             raise ConfigError(f"TAGIDistillation.teacher_model={self.teacher_model!r}: vocabulary differs from the base")
 
@@ -183,23 +183,30 @@ class TAGIDistillation(LanguageModel):
         return _teachers_cached(str(self.teachers_dir), self.config.family, self.config)
 
     # ---------------------------------------------------------------- host-loaded frozen parts
-    def pretrained_base(self) -> PyTree | None:
-        """Every frozen part read from disk, as host arrays (TrainStep device_puts them in their shardings).
+    def pretrained_base(self, mesh: Mesh | None = None, abstract: bool = False) -> PyTree | None:
+        """Every frozen part read from disk (TrainStep passes them to the jitted init in their shardings).
+
+        Args:
+          mesh: place the base and `teacher_model` tensor by tensor on this mesh as they are read
+            (see `LanguageModel.pretrained_base`); the small parts (teachers, MiniLM) stay host arrays.
+          abstract: `jax.ShapeDtypeStruct`s instead (no model weights read; for `jax.eval_shape`).
 
         Returns:
           A dict with the present parts of {'base': pretrained base params, 'teachers': stacked teacher
-          LoRA params (N, ...), 'kl_teacher': `teacher_model`'s params, 'encoder': frozen MiniLM params},
-          or None when none is read from disk.
+          LoRA params (N, ...), 'kl_teacher': `teacher_model`'s params (in `param_dtype`, like the base),
+          'encoder': frozen MiniLM params}, or None when none is read from disk.
         """
+        shapes = (lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)) \
+            if abstract else (lambda tree: tree)
         host = {}
         if self.pretrained:
-            host["base"] = self.base.params
+            host["base"] = super().pretrained_base(mesh, abstract)
         if self.teachers is not None:
-            host["teachers"] = self.teachers[1].params
+            host["teachers"] = shapes(self.teachers[1].params)
         if self.teacher_model:
-            host["kl_teacher"] = _load_pretrained_cached(self.teacher_model).params
+            host["kl_teacher"] = read_pretrained_params(self.teacher_model, self.param_dtype or "float32", mesh, abstract)
         if self.hypernet.encoder == "minilm" and not self.train_encoder:
-            host["encoder"] = self.minilm.params
+            host["encoder"] = shapes(self.minilm.params)
         return host or None
 
     def base_logical_axes(self) -> PyTree:
@@ -215,7 +222,7 @@ class TAGIDistillation(LanguageModel):
         if self.teachers is not None:
             axes["teachers"] = self._teacher_axes()
         if self.teacher_model:
-            axes["kl_teacher"] = _load_pretrained_cached(self.teacher_model).logical_axes()
+            axes["kl_teacher"] = describe_pretrained(self.teacher_model).logical_axes()
         if self.hypernet.encoder == "minilm" and not self.train_encoder:
             axes["encoder"] = self.minilm.logical_axes()
         return axes
@@ -237,8 +244,8 @@ class TAGIDistillation(LanguageModel):
         Args:
           rng: a PRNG key, split into the base init's key (replaced by PRNGKey(init_seed) when set) and
             the hypernetwork init's key.
-          host: the frozen parts to use (TrainStep passes `pretrained_base()` placed on the mesh); None
-            reads them with `pretrained_base()`. Without a 'base' entry the base is randomly initialised.
+          host: the frozen parts to use (TrainStep passes `pretrained_base(mesh)`, or its abstract
+            form under `jax.eval_shape`); None reads them now with `pretrained_base()`. Without a 'base' entry the base is randomly initialised.
 
         Returns:
           trainable: {'hypernet': HyperLoRA params (from `init_from` when set)}, plus 'encoder' (the
@@ -374,7 +381,7 @@ class TAGIDistillation(LanguageModel):
             raise ConfigError("TAGIDistillation.w_kl > 0 but the batch has no teacher_* features "
                               "(set the data's teacher_features=True, or w_kl = 0 for pretraining)")
         if self.teacher_model:
-            pre = _load_pretrained_cached(self.teacher_model)
+            pre = describe_pretrained(self.teacher_model, self.param_dtype or "float32")
             model, params = pre.model, frozen["kl_teacher"]
         else:
             model, params = self.model, frozen["base"]
@@ -516,7 +523,8 @@ class TAGIDistillation(LanguageModel):
         return out
 
     # ---------------------------------------------------------------- export
-    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False) -> Path:
+    def export(self, output: str | Path, trainable: PyTree, frozen: PyTree, *, merged: bool = False,
+               dtype: str = "float32") -> Path:
         """The hypernetwork export at `output` (`jaxlm.checkpoints.hypernet`; the loop writes RUN/hypernet/).
 
         Args:
@@ -525,16 +533,20 @@ class TAGIDistillation(LanguageModel):
           frozen: the frozen params; `frozen['base']` is written to `output/base/` unless `pretrained`
             is a HF directory on disk (then the export points at it).
           merged: must be False.
+          dtype: must be "float32" (`load_hypernet` reads float32 hypernetwork and base files).
 
         Returns:
           The written directory.
 
         Raises:
-          ConfigError: `merged=True` (the adapter depends on the instruction).
+          ConfigError: `merged=True` (the adapter depends on the instruction), or `dtype` is not float32.
         """
         if merged:
             raise ConfigError("TAGIDistillation: merged=True is not defined (the adapter depends on the instruction)")
-        return save_hypernet(output, self, jax.device_get(trainable), jax.device_get(frozen))
+        if dtype != "float32":
+            raise ConfigError(f"TAGIDistillation: export dtype {dtype!r} is not supported; a hypernetwork export "
+                              "is written in float32")
+        return save_hypernet(output, self, jax.device_get(trainable), frozen)  # the base: written tensor by tensor
 
 
 def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, k: int = 32,
