@@ -8,7 +8,7 @@ head, no cache and no LoRA. Both programs are lowered and compiled for a (batch,
 so the loss of the two layouts can be compared (same weights: the scanned params are the unrolled
 ones stacked).
 
-    python bench/compile_scan.py [--layers 30] [--batch 4] [--seq 256] [--config smollm2]
+    python bench/compile_scan.py [--layers 30] [--batch 4] [--seq 256]    (SmolLM2-135M's other shapes)
 
 Prints the lowering and compile seconds of each, their ratio, and the loss difference.
 """

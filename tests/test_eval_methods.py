@@ -354,7 +354,8 @@ def test_generated_adapters_run_once_per_task_and_are_cached_on_disk(tiny, load,
 
 def test_fusion_hypernet_adapter_reads_the_instruction_as_a_prompt_prefix(tiny, load, tmp_path):
     """A decoder-only fusion hypernetwork: every prompt is [instruction tokens (cut as in training);
-    the query's tokens], run with the task's generated adapter, i.e. what training's cached prefix computes."""
+    the query's last max_input_tokens tokens (the batches' cut)], run with the task's generated
+    adapter, i.e. what training's cached prefix computes."""
     from jaxlm.data.prompts import instruction_text
     from jaxlm.eval.engine import Engine
     from jaxlm.models import lora as lora_lib
@@ -366,14 +367,15 @@ def test_fusion_hypernet_adapter_reads_the_instruction_as_a_prompt_prefix(tiny, 
     instruction = instruction_text(task)
     engine = Engine(tiny, batch_size=4)
     ctx = methods.EvalContext(engine, tiny.tokenizer, load, max_new_tokens=4, max_source_length=128)
-    method = methods.Adapter(hypernet=str(tmp_path / "hyper"), max_instruction_tokens=24)
+    method = methods.Adapter(hypernet=str(tmp_path / "hyper"), max_instruction_tokens=24, max_input_tokens=12)
     method._hypernet = StubHypernet({instruction: params}, spec.rank, spec.alpha, prefix_fusion=True,
                                     tokenizer=tiny.tokenizer)
     evaluated = task.instances[:3]
     out = method.run(ctx, task, evaluated, (), 0)
     prefix = tiny.tokenizer.encode(instruction, add_special_tokens=False)[:24]
     assert method.prefix_ids(task) == prefix and len(prefix) == 24
-    ids = [prefix + tiny.tokenizer.encode(r["prompt"], add_special_tokens=False) for r in out.records]
+    ids = [prefix + tiny.tokenizer.encode(r["prompt"])[-12:] for r in out.records]  # cut as training cuts rows
+    assert all(len(tiny.tokenizer.encode(r["prompt"])) > 12 for r in out.records)
     lora = lora_lib.LoraWeights(params, spec.rank, spec.alpha)
     stops = ctx.stop_ids("\n\n")
     direct = [methods.cut_at(tiny.tokenizer.decode(g.output_ids), "\n\n") for g in engine.generate(ids, 4, stops, lora=lora)]

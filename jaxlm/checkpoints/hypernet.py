@@ -207,13 +207,34 @@ class Hypernet:
         return ids[: min(self.max_instruction_tokens, max_tokens or self.max_instruction_tokens)]
 
     def adapters(self, instructions: Sequence[str], max_tokens: int | None = None) -> LoraWeights:
-        """One adapter per instruction, leaves (N, ...): the hypernetwork runs once per instruction
-        (cut as `tokenize(instruction, max_tokens)`), in padded batches of `batch_size` (bucketed
-        lengths: a few compiled shapes)."""
+        """One adapter per instruction: the hypernetwork runs once per instruction, in padded batches
+        of `batch_size` (bucketed lengths: a few compiled shapes).
+
+        Args:
+          instructions: N instruction texts (what `instruction_for` builds, as in training).
+          max_tokens: each instruction's cut, see `tokenize`.
+
+        Returns:
+          LoraWeights with numpy leaves (N, D_in, r) / (N, r, D_out), the spec's rank and alpha.
+
+        Raises:
+          ValueError: no instructions, or an instruction that encodes to no tokens.
+        """
         return self.emit_lora(instructions, max_tokens)[0]
 
     def emit_lora(self, instructions: Sequence[str], max_tokens: int | None = None) -> tuple[LoraWeights, Any]:
-        """(adapters, fused instruction states or None): the states only for encoder-decoder fusion."""
+        """`adapters`, plus the fused instruction states of encoder-decoder fusion.
+
+        Args:
+          instructions, max_tokens: as `adapters`.
+
+        Returns:
+          (LoraWeights with leaves (N, ...), a list of per-batch float32 state arrays (n, T, D) for T5
+          fusion, else None).
+
+        Raises:
+          ValueError: as `adapters`.
+        """
         if not instructions:
             raise ValueError("adapters() needs at least one instruction")
         rows = [self.tokenize(t, max_tokens) for t in instructions]

@@ -92,7 +92,7 @@ def cmd_eval(args: Any) -> int:
     writable_dir(args.workdir, "--workdir")  # created only once the config parses, checked before any compute
     with RunLock(args.workdir):
         summary = sweep.run_from_gin(args.workdir)
-    print(jsonl.dumps(summary), file=sys.stderr)
+    print(jsonl.dumps({k: v for k, v in summary.items() if k != "reported"}), file=sys.stderr)
     return 0
 
 

@@ -92,16 +92,25 @@ class EvalContext:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
-    def prompt_ids(self, text: str, prefix_ids: Sequence[int] | None = None) -> list[int]:
-        """Tk-Instruct's truncation: the first `max_source_length` tokens.
+    def prompt_ids(self, text: str, prefix_ids: Sequence[int] | None = None, keep_last: int | None = None) -> list[int]:
+        """A prompt's token ids, cut by Tk-Instruct's rule (the first `max_source_length` tokens).
 
-        With `prefix_ids` (a decoder-only fusion hypernetwork's instruction tokens, read as a prefix of
-        every prompt as in training): those ids, then the text's own tokens without special tokens (the
-        student rows of TAGI training carry none), cut to `max_source_length`.
+        Args:
+          text: the prompt text; tokenized with the tokenizer's special tokens (a BOS where it adds
+            one, as TAGI's batches prepend it to student rows).
+          prefix_ids: token ids read before the prompt (a decoder-only fusion hypernetwork's
+            instruction, as in its training), or None.
+          keep_last: cut to the LAST `keep_last` tokens instead (the rule of jaxlm's training batches,
+            for an adapter evaluated on inputs cut as it was trained), or None.
+
+        Returns:
+          prefix_ids (if any) + the text's ids, the latter cut to `max_source_length` first tokens
+          (or `keep_last` last ones).
         """
-        if prefix_ids is None:
-            return self.tokenize(text)[: self.max_source_length]
-        return [*prefix_ids, *self.tokenizer.encode(text, add_special_tokens=False)[: self.max_source_length]]
+        ids = self.tokenize(text)
+        ids = ids[len(ids) - keep_last:] if keep_last is not None and len(ids) > keep_last else \
+            ids if keep_last is not None else ids[: self.max_source_length]
+        return [*(prefix_ids or ()), *ids]
 
     def get_embedder(self) -> Any:
         if self.embedder is None:
@@ -121,8 +130,23 @@ class EvalContext:
         return self._stops[stop]
 
     def answer(self, task: TaskData, instances: Sequence[Instance], texts: Sequence[str], *,
-               stop: str = BLANK_LINE, lora: Any = None, prefix_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
-        """One record per instance: generated (cut by `cut_at(text, stop)`) or, for multiple choice, the
+               stop: str = BLANK_LINE, lora: Any = None, prefix_ids: Sequence[int] | None = None,
+               keep_last: int | None = None) -> list[dict[str, Any]]:
+        """Answers `instances` from their prompts `texts`.
+
+        Args:
+          task: the task (record fields).
+          instances: N instances; free-form ones are generated, multiple-choice ones rank-classified.
+          texts: N prompt texts.
+          stop: BLANK_LINE or LINE, where an answer is cut.
+          lora: one adapter for every prompt, or None.
+          prefix_ids, keep_last: see `prompt_ids`.
+
+        Returns:
+          N records ({"task", "id", "prompt", "prediction", "references"}, multiple choice also the
+          option scores).
+
+        One record per instance: generated (cut by `cut_at(text, stop)`) or, for multiple choice, the
         best-ranked option by `rank_normalization`; a multiple-choice record carries every option's
         summed log-prob ("option_logprobs"), per-token mean ("option_logprobs_mean") and per-UTF-8-byte
         score ("option_logprobs_per_byte", lm-evaluation-harness's acc_norm) side by side. Decoding itself stops at a blank line either way: a LINE answer may open
@@ -133,14 +157,14 @@ class EvalContext:
         free = [i for i, inst in enumerate(instances) if not inst.is_multiple_choice]
         mc = [i for i, inst in enumerate(instances) if inst.is_multiple_choice]
         if free:
-            outs = self.engine.generate([self.prompt_ids(texts[i], prefix_ids) for i in free], self.max_new_tokens,
+            outs = self.engine.generate([self.prompt_ids(texts[i], prefix_ids, keep_last) for i in free], self.max_new_tokens,
                                         self.stop_ids(BLANK_LINE), lora=lora)
             for i, out in zip(free, outs):
                 text = self.tokenizer.decode(out.output_ids)
                 records[i] = _record(task, instances[i], texts[i], cut_at(text, stop))
         if mc:
             scores = self.rank([texts[i] for i in mc], [instances[i].options for i in mc], lora=lora,
-                               prefix_ids=prefix_ids)
+                               prefix_ids=prefix_ids, keep_last=keep_last)
             for i, s in zip(mc, scores):
                 opts = instances[i].options
                 ways = {"sum": [float(x) for x in s],
@@ -155,9 +179,17 @@ class EvalContext:
         return records  # type: ignore[return-value]
 
     def rank(self, texts: Sequence[str], options: Sequence[Sequence[str]], lora: Any = None,
-             prefix_ids: Sequence[int] | None = None) -> list[list[float]]:
-        """Sum log-prob of each option's tokens after its prompt (`Engine.rank_classify`)."""
-        inputs = [self.prompt_ids(t, prefix_ids) for t in texts]
+             prefix_ids: Sequence[int] | None = None, keep_last: int | None = None) -> list[list[float]]:
+        """Sum log-prob of each option's tokens after its prompt (`Engine.rank_classify`).
+
+        Args:
+          texts: N prompt texts; options: N lists of option strings; lora: an adapter or None;
+          prefix_ids, keep_last: see `prompt_ids`.
+
+        Returns:
+          N lists of summed option log-probs (nats).
+        """
+        inputs = [self.prompt_ids(t, prefix_ids, keep_last) for t in texts]
         option_ids = [[self.option_ids(o) for o in opts] for opts in options]
         return self.engine.rank_classify(inputs, option_ids, lora=lora)
 
@@ -424,7 +456,9 @@ class Adapter(Method):
     Input: ... Output: "); None = what the hypernetwork's student saw in training, else "none". The
     hypernetwork reads the instruction as it did in training (`jaxlm.data.tagi_tasks.instruction_for`),
     cut to `max_instruction_tokens` (None: the encoder's limit; bind the training data's
-    tagi_data.max_instruction_len when that was shorter).
+    tagi_data.max_instruction_len when that was shorter). `max_input_tokens`: keep the LAST that many
+    tokens of each input, as jaxlm's training batches cut student rows (bind the adapter's training
+    tagi_data.max_input_len); None keeps the sweep's rule (the first max_source_length tokens).
     """
 
     teachers: str | None = None
@@ -433,6 +467,7 @@ class Adapter(Method):
     input_format: str | None = None
     cache_dir: str | None = None
     max_instruction_tokens: int | None = None
+    max_input_tokens: int | None = None
     name: str = "adapter"
     _teachers: dict = dataclasses.field(default_factory=dict, repr=False)
     _hypernet: Any = dataclasses.field(default=None, repr=False)
@@ -443,8 +478,9 @@ class Adapter(Method):
                               "or Adapter.hypernet")
         if self.input_format not in (None, "none", "query"):
             raise ConfigError(f"Adapter.input_format {self.input_format!r}: expected 'none' or 'query'")
-        if self.max_instruction_tokens is not None and self.max_instruction_tokens < 1:
-            raise ConfigError(f"Adapter.max_instruction_tokens={self.max_instruction_tokens}: must be >= 1")
+        for field in ("max_instruction_tokens", "max_input_tokens"):
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                raise ConfigError(f"Adapter.{field}={getattr(self, field)}: must be >= 1")
         if self.fold_teachers is not None:
             folds = []
             for fold in self.fold_teachers:
@@ -459,11 +495,12 @@ class Adapter(Method):
             self.fold_teachers = tuple(folds)
 
     def _teacher(self, ctx: EvalContext, directory: str, task: TaskData) -> Any:
-        if directory not in self._teachers:
+        key = (directory, id(ctx.engine.pretrained))  # per model of the sweep
+        if key not in self._teachers:
             from jaxlm.checkpoints.teachers import load_teachers
 
-            self._teachers[directory] = load_teachers(directory, ctx.engine.pretrained)
-        names, stacked = self._teachers[directory]
+            self._teachers[key] = load_teachers(directory, ctx.engine.pretrained)
+        names, stacked = self._teachers[key]
         if task.name not in names:
             raise DataError(f"Adapter teachers {directory}: no teacher for task {task.name!r} (has {names})")
         return lora_lib.select(stacked, names.index(task.name))
@@ -481,7 +518,7 @@ class Adapter(Method):
 
         cache = None
         if self.cache_dir or ctx.workdir:
-            key = hashlib.sha1(f"{Path(self.hypernet).resolve()}|{self.max_instruction_tokens}".encode()).hexdigest()[:16]
+            key = self._hypernet_digest()
             root = Path(self.cache_dir) if self.cache_dir else Path(ctx.workdir) / "adapters"
             cache = root / key / (re.sub(r"[^A-Za-z0-9._-]+", "_", task.name) + ".msgpack")
             if cache.is_file():
@@ -498,6 +535,18 @@ class Adapter(Method):
                 serialization.to_state_dict(doc))), binary=True)
         return lora
 
+    def _hypernet_digest(self) -> str:
+        """What the adapter cache is keyed by: the hypernetwork's files (metadata contents, every
+        file's size and mtime, so retraining in place is a new key) and the instruction cut."""
+        from jaxlm.checkpoints.hypernet import find_hypernet_dir
+
+        directory = find_hypernet_dir(self.hypernet, missing_ok=True) or Path(self.hypernet)
+        h = hashlib.sha1(f"{directory.resolve()}|{self.max_instruction_tokens}".encode())
+        for f in sorted(p for p in directory.iterdir() if p.is_file()) if directory.is_dir() else ():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
     def instruction(self, task: TaskData) -> str:
         """What the hypernetwork reads for `task`, as in its training (`instruction_for`)."""
         from jaxlm.data.tagi_tasks import instruction_for
@@ -505,7 +554,12 @@ class Adapter(Method):
         return instruction_for(task, self.loaded_hypernet().instruction_format["teacher_format"])
 
     def prefix_ids(self, task: TaskData) -> list[int] | None:
-        """The instruction tokens read before every prompt (a decoder-only fusion hypernetwork), else None."""
+        """The instruction tokens read before every prompt of `task`.
+
+        Returns:
+          The hypernetwork's codec ids of the task's instruction, cut to `max_instruction_tokens` (a
+          decoder-only fusion hypernetwork: what its training's cached prefix held), else None.
+        """
         if self.hypernet is None or not self.loaded_hypernet().prefix_fusion:
             return None
         return self.loaded_hypernet().tokenize(self.instruction(task), self.max_instruction_tokens)
@@ -534,14 +588,14 @@ class Adapter(Method):
                  for inst in instances]
         if self.fold_teachers is None:
             return MethodOutput(ctx.answer(task, instances, texts, lora=self.adapter_for(ctx, task),
-                                           prefix_ids=self.prefix_ids(task)))
+                                           prefix_ids=self.prefix_ids(task), keep_last=self.max_input_tokens))
         records: list[dict[str, Any] | None] = [None] * len(instances)
         for directory, first, stop in self.fold_teachers:
             span = range(first, min(stop, len(instances)))
             if span:
                 lora = self._teacher(ctx, directory, task)
                 for i, record in zip(span, ctx.answer(task, [instances[i] for i in span], [texts[i] for i in span],
-                                                      lora=lora)):
+                                                      lora=lora, keep_last=self.max_input_tokens)):
                     records[i] = record
         missing = [i for i, r in enumerate(records) if r is None]
         if missing:

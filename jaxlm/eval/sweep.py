@@ -214,7 +214,8 @@ def eval_sweep(
     rank_normalization: str = "sum",
 ) -> dict[str, Any]:
     """Run every unfinished cell of the grid; return {"cells", "ran", "skipped", "num_compiles", "workdir",
-    "rank_normalization"}.
+    "rank_normalization", "reported": the grid's result rows (the last line of each of its cells, as
+    in the reports)}.
 
     buckets: the engine's padded lengths (default `jaxlm.buckets.DEFAULT_LENGTH_BUCKETS`).
     max_cells: stop after running this many cells (a partial sweep; rerun to continue).
@@ -308,7 +309,8 @@ def eval_sweep(
     write_atomically(workdir / "config.gin", lambda f: f.write(gin.operative_config_str()))
     skipped = len(cells) - len([c for c in cells if (c.id, c.settings) not in done])
     summary = {"cells": len(cells), "ran": ran, "skipped": skipped, "num_compiles": num_compiles,
-               "workdir": str(workdir), "rank_normalization": rank_normalization}
+               "workdir": str(workdir), "rank_normalization": rank_normalization,
+               "reported": reported}
     print(f"jaxlm eval: {ran} cell(s) run, {skipped} already done, {len(cells)} in the grid; "
           f"{num_compiles} compiled shape(s)", file=sys.stderr)
     return summary

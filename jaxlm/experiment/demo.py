@@ -51,8 +51,10 @@ class DemoRun:
         self.workdir = Path(workdir).resolve()
         self.overrides, self.bindings, self.search_paths = list(overrides), list(bindings), list(search_paths)
         self.results = self.workdir / "results.jsonl"
-        # A row is the result of (study, method, task): what `pending` checks before appending again.
-        self.log = ResultsLog(self.results, key=lambda r: (r.get("study"), r.get("method"), r.get("task")))
+        # A row is the result of (study, method, task[, settings]): what `pending` checks before appending
+        # again (a SmolLM2 cell rerun with other sweep settings is a new row; the report takes the last).
+        self.log = ResultsLog(self.results, key=lambda r: (r.get("study"), r.get("method"), r.get("task"),
+                                                          r.get("settings")))
         self.stage_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -187,13 +189,19 @@ class DemoRun:
             return (f"skipped: it reads real task data and {', '.join(missing)} is not there; set JAXLM_DATA_DIR "
                     f"or pass --data_dir DIR (a folder with bigbench/ and superni/) to run it")
         out = run_from_gin(self.workdir / "smollm2")
-        rows = ResultsLog(self.workdir / "smollm2" / "results.jsonl").rows()
+        rows = out["reported"]  # this grid's cells, each its last line (not cells of an earlier grid)
         normalization = out.get("rank_normalization", "sum")
-        self.append(self.log.pending(
-            {"study": "smollm2", "kind": kind, "metric": metric, "model": r["model"], "method": r["method"],
-             "task": r["task"], "score": round(float(r["metrics"][key]), 2)}
-            for r in expand_rows(rows)
-            for kind, metric, key in [_smollm2_metric(r["group"], normalization)] if key in r["metrics"]))
+        source = {r["task"]: r["source"] for r in rows}
+        settings = {(r["method"], r["task"]): r.get("settings", "") for r in rows}
+        demo_rows = []
+        for r in expand_rows(rows):  # + cross-task's :mean / :best variants
+            kind, metric, key = _smollm2_metric(source[r["task"]], normalization)
+            if key in r["metrics"]:
+                demo_rows.append({"study": "smollm2", "kind": kind, "metric": metric, "model": r["model"],
+                                  "method": r["method"], "task": r["task"],
+                                  "settings": settings[(r["method"].split(":")[0], r["task"])],
+                                  "score": round(float(r["metrics"][key]), 2)})
+        self.append(self.log.pending(demo_rows))
         return f"{out['cells']} cells ({out['ran']} run), {out['num_compiles']} compiled shapes"
 
     # ------------------------------------------------------------------ run
@@ -277,18 +285,21 @@ SMOLLM2_TITLES = {"bigbench": "BIG-bench multiple choice", "superni": "Super-NI 
 ACC_NAMES = {"sum": "accuracy %", "mean": "accuracy % (per-token mean)", "byte": "acc_norm % (per byte)"}
 
 
-def _smollm2_metric(group: str, normalization: str) -> tuple[str, str, str]:
-    """(kind, metric label, metrics key) of a SmolLM2 sweep row: BIG-bench rows are accuracy under the
-    sweep's rank normalisation, Super-NI rows ROUGE-L."""
-    if group == "superni":
+def _smollm2_metric(source: str, normalization: str) -> tuple[str, str, str]:
+    """(kind, metric label, metrics key) of a SmolLM2 sweep row by its task source: Super-NI rows are
+    ROUGE-L, others (BIG-bench multiple choice) accuracy under the sweep's rank normalisation."""
+    if source == "superni":
         return "superni", "ROUGE-L", "rougeL"
     return "bigbench", ACC_NAMES.get(normalization, "accuracy %"), "score"
 
 
 def _by_kind(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """{kind: rows} of the SmolLM2 rows, the last row of each (method, task) only (a rerun with other
+    settings appends a newer one)."""
+    latest = {(r.get("kind", "bigbench"), r["method"], r["task"]): r for r in rows}
     out: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        out.setdefault(r.get("kind", "bigbench"), []).append(r)
+    for (kind, _, _), r in latest.items():
+        out.setdefault(kind, []).append(r)
     return out
 
 

@@ -559,8 +559,23 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
     `tagi_batches.load_teacher_topk` -> `TagiBatches(teacher_topk=...)` and `losses.topk_kl_distillation`,
     with no teacher forward in the step (nor in data loading).
 
-    max_input_len: a teacher input longer than this keeps its LAST max_input_len tokens (the batches'
-    rule, jaxlm.data.batches), None keeps it whole."""
+    Args:
+      path: the `.npz` to write (atomically).
+      tasks: TagiTasks with teacher rows.
+      pretrained: the decoder-only teacher (its params and model).
+      k: log-probs kept per target token (at most the vocabulary).
+      max_targets: T, target tokens per example with a cached distribution.
+      batch_size: rows per teacher forward.
+      lora: an adapter applied to the teacher, or None.
+      max_input_len: a teacher input longer than this keeps its LAST max_input_len tokens (the batches'
+        rule, jaxlm.data.batches); None keeps it whole.
+
+    Returns:
+      The written path.
+
+    Raises:
+      ConfigError: a non-llama teacher, or a task without teacher rows.
+    """
     from jaxlm import progress
     from jaxlm.buckets import DEFAULT_LENGTH_BUCKETS, bucket_length, pad_rows
     from jaxlm.files import write_atomically

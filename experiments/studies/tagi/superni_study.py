@@ -8,8 +8,9 @@ own hidden states as instruction encoder, LoRA r8 on q/k/v/o) is trained with st
 (L_ce + L_kl; no stage 1 and no L_ins at this budget, see docs/results.md) on the Super-NI training
 tasks on disk. Phases (each skipped when its output exists; a stopped training phase resumes from
 its last checkpoint):
-  topk         the KL teacher (the base reading the def_pos2 prompt) once over every training row:
-               top-k log-probs at each target token -> WORK/teacher_topk.npz
+  topk         the KL teacher (the base reading the def_pos2 prompt, its last --teacher_input_len
+               tokens: it sees more of the prompt than the students' --max_input_len) once over every
+               training row: top-k log-probs at each target token -> WORK/teacher_topk.npz
                (`jaxlm.train.tagi.write_teacher_topk`), so a training step runs no teacher forward
   teachers     per-task LoRA teachers of the 16 test tasks, cross-fitted on their 100 instances:
                WORK/teachers_a trained on instances 50-99 (scores 0-49), WORK/teachers_b on 0-49
@@ -20,7 +21,8 @@ its last checkpoint):
   eval         the eval sweep (experiments/studies/tagi/superni_eval.gin) in WORK/eval: (a) the Tk
                query alone, (b) `def` and `def_pos2` in context, (c) the cross-fitted teachers, (d)
                and (d') the hypernetworks' adapters, on the first 100 instances of every test task,
-               official ROUGE-L per category (WORK/eval/summary.md, results.json)
+               official ROUGE-L per category (WORK/eval/summary.md, results.json); (c), (d) and (d')
+               read each query cut as in their training (its last --max_input_len tokens)
 """
 
 from __future__ import annotations
@@ -72,10 +74,23 @@ def phase_topk(work: Path, args: argparse.Namespace) -> None:
     print(f"[topk] {len(tasks)} tasks x <= {args.train_instances} rows: {time.time() - t:.0f}s", flush=True)
 
 
-def phase_teachers(work: Path, args: argparse.Namespace) -> None:
+def test_task_names(args: argparse.Namespace) -> list[str]:
+    """The test tasks on disk, sorted (the teachers' task order); each must hold 2 x HALF instances
+    with outputs in both folds, or the teachers' indices would not be the tasks' places."""
     from jaxlm.data.sources import load_tasks
+    from jaxlm.data.tagi_tasks import task_examples
 
-    names = sorted(load_tasks("superni", args.data_dir, part="test"))
+    tasks = load_tasks("superni", args.data_dir, part="test")
+    for name, task in tasks.items():
+        if len(task_examples(task, max_instances=HALF)) < 1 or len(task_examples(task, skip_instances=HALF)) < 1 \
+                or len(task.instances) < 2 * HALF:
+            raise SystemExit(f"superni_study.py: error: test task {name} has {len(task.instances)} instances; the "
+                             f"cross-fitted teachers need {2 * HALF} with outputs in both halves")
+    return sorted(tasks)
+
+
+def phase_teachers(work: Path, args: argparse.Namespace) -> None:
+    names = test_task_names(args)
     for fold, span in (("a", f"teachers/tagi_data.skip_instances = {HALF}"),
                        ("b", f"teachers/tagi_data.max_instances = {HALF}")):
         run = work / f"teachers_{fold}"
@@ -107,7 +122,7 @@ def phase_eval(work: Path, args: argparse.Namespace) -> None:
            f"--gin.TEACHERS_B='{work / 'teachers_b/teachers/teachers'}'", f"--gin.HYPERNET='{work / 'tagi'}'",
            f"--gin.HYPERNET_FUSION='{work / 'tagi_fusion'}'", f"--gin.MAX_INSTANCES={args.eval_instances}",
            f"--gin.eval_sweep.max_new_tokens={args.max_new_tokens}",
-           f"--gin.MAX_INSTRUCTION_LEN={args.max_instruction_len}"]
+           f"--gin.MAX_INSTRUCTION_LEN={args.max_instruction_len}", f"--gin.MAX_INPUT_LEN={args.max_input_len}"]
     if args.data_dir:
         cmd.append(f"--data_dir={args.data_dir}")
     print(" ".join(cmd), flush=True)
@@ -137,6 +152,9 @@ def main() -> None:
     p.add_argument("--eval_instances", type=int, default=100, help="instances per test task (default 100)")
     p.add_argument("--max_new_tokens", type=int, default=64, help="generated tokens (default 64)")
     args = p.parse_args()
+    if not 1 <= args.eval_instances <= 2 * HALF:
+        raise SystemExit(f"superni_study.py: error: --eval_instances {args.eval_instances}: the cross-fitted "
+                         f"teachers cover instances 0-{2 * HALF - 1}")
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     phases = {"topk": lambda: phase_topk(work, args), "teachers": lambda: phase_teachers(work, args),
