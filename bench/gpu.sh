@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmark, prepared to run as one command on a CUDA machine (issue 18, item 8):
 #   1. `jaxlm plan` for the ~1.1B Llama (jaxlm/configs/models/llama_1b.gin) on this GPU's memory;
-#   2. train MFU: that Llama from scratch on synthetic batches (bench/gpu_train.gin: 2 x 2048 tokens,
-#      bf16 compute, AdamW, 30 steps), median tokens/s and MFU over the steps after compilation;
+#   2. train MFU: that Llama from scratch on synthetic batches (bench/gpu_train.gin: the largest of
+#      16, 8, 4, 2 x 2048 tokens that fits, bf16 compute, AdamW, 30 steps), median tokens/s and MFU
+#      over the steps after compilation;
 #   3. eval throughput vs transformers on the same GPU: bench/score_generate.py (SmolLM2-135M, scoring
 #      and greedy generation, batch 8 and 32) with transformers on CUDA.
 # Usage: bash bench/gpu.sh [OUT_DIR]     (default $OUT or ./gpu_bench; everything is written there)
@@ -31,9 +32,16 @@ HBM_GIB="$("$PY" -c "import jax; s = jax.devices()[0].memory_stats() or {}; prin
 log "1/3 jaxlm plan (llama_1b, data=-1, ${HBM_GIB} GiB)"
 "$PY" -m jaxlm.cli plan --gin_file=bench/gpu_train.gin --platform gpu --hbm_gib "$HBM_GIB" 2>&1 | tee "$OUT_DIR/plan.txt"
 
-log "2/3 jaxlm train: llama_1b, synthetic 2 x 2048 tokens, bf16 compute, 30 steps"
-rm -rf "$OUT_DIR/train"
-"$PY" -m jaxlm.cli train --gin_file=bench/gpu_train.gin --workdir "$OUT_DIR/train" 2>&1 | tail -n 5 | tee -a "$OUT_DIR/gpu.log"
+# XLA:CPU's memory estimate in `jaxlm plan` is pessimistic for a GPU: try the largest batch first.
+for B in ${GPU_BATCHES:-16 8 4 2}; do
+  log "2/3 jaxlm train: llama_1b, synthetic $B x 2048 tokens, bf16 compute, 30 steps"
+  rm -rf "$OUT_DIR/train"
+  if "$PY" -m jaxlm.cli train --gin_file=bench/gpu_train.gin --gin.BATCH_SIZE="$B" --workdir "$OUT_DIR/train" \
+      > "$OUT_DIR/train_b$B.log" 2>&1; then
+    tail -n 3 "$OUT_DIR/train_b$B.log" | tee -a "$OUT_DIR/gpu.log"; break
+  fi
+  log "batch $B failed (last line: $(tail -n 1 "$OUT_DIR/train_b$B.log" | cut -c1-160)); trying a smaller one"
+done
 "$PY" - "$OUT_DIR/train/metrics.jsonl" <<'EOF' | tee -a "$OUT_DIR/gpu.log"
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"tokens_per_s"' in l]
