@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxlm.checkpoints.fields import GGUF, REFUSED, gguf_template
-from jaxlm.checkpoints.hf import CheckpointError
+from jaxlm.checkpoints.hf import CheckpointError, LazyTensors
 from jaxlm.checkpoints.tokenizer import Tokenizer
 from jaxlm.models.llama import LlamaConfig, RopeScaling
 
@@ -138,7 +138,7 @@ def config_from_fields(fields: dict[str, Any], source: str) -> LlamaConfig:
     )
 
 
-class GgufTensors(Mapping[str, np.ndarray]):
+class GgufTensors(LazyTensors):
     """The tensors of a GGUF file under HF names, each dequantized to float32 on access (the file is
     memory-mapped): like `hf.SafetensorsTensors`, nothing is held beyond the tensor a caller keeps.
 
@@ -163,15 +163,6 @@ class GgufTensors(Mapping[str, np.ndarray]):
             if name.endswith(suffix):
                 w = _unpermute(w, n_heads)
         return w
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
-        return name in self.entries
-
-    def __iter__(self):
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
 
 def load_gguf(path: str | Path) -> tuple[LlamaConfig, GgufTensors, Tokenizer]:

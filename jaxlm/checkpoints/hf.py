@@ -68,7 +68,27 @@ def _safetensors_dtypes() -> dict[str, Any]:
     }
 
 
-class SafetensorsTensors(Mapping[str, np.ndarray]):
+class LazyTensors(Mapping[str, np.ndarray]):
+    """A tensor map read on access: `entries` says where each tensor is; subclasses read one in
+    `__getitem__`. Membership, iteration and length answer from `entries` alone (Mapping's default
+    `in` would read the tensor)."""
+
+    entries: dict[str, Any]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class SafetensorsTensors(LazyTensors):
     """The tensors of safetensors files, read one at a time on access in their stored dtype (bf16 as
     `ml_dtypes.bfloat16`, which safetensors' numpy reader cannot load): nothing is held in memory
     beyond the tensor a caller keeps, so a loader converts one tensor at a time.
@@ -90,15 +110,6 @@ class SafetensorsTensors(Mapping[str, np.ndarray]):
         if data.size != count:
             raise CheckpointError(f"{file}: tensor {name!r} is truncated ({data.size} of {count} values)")
         return data.reshape(shape)
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
-        return name in self.entries
-
-    def __iter__(self):
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
     def renamed(self, rename: Callable[[str], str]) -> "SafetensorsTensors":
         """The same tensors under `rename(name)` (nothing is read)."""
