@@ -23,6 +23,8 @@ its last checkpoint):
                and (d') the hypernetworks' adapters, on the first 100 instances of every test task,
                official ROUGE-L per category (WORK/eval/summary.md, results.json); (c), (d) and (d')
                read each query cut as in their training (its last --max_input_len tokens)
+  probe        (not in the default phases) lr 1e-3 for every hypernetwork param, 60 steps: loss and
+               emitted ||dW||/||W|| at the start and the end (does the parametrisation keep it stable?)
 """
 
 from __future__ import annotations
@@ -116,6 +118,29 @@ def phase_tagi(work: Path, args: argparse.Namespace, fusion: bool) -> None:
         f"NUM_STEPS = {args.steps}", f"LEARNING_RATE = {args.lr}", "WARMUP_STEPS = 30"], run)
 
 
+def phase_probe(work: Path, args: argparse.Namespace) -> None:
+    """Stability at lr 1e-3 (issue 14, item 1): stage 2 with fusion for --probe_steps steps, every
+    hypernetwork param at --probe_lr (no heads multiplier), constant after a short warm-up; prints the
+    loss and the emitted ||dW||/||W|| (max over module types) at the first and last logged steps."""
+    import json
+
+    run = work / "probe_lr"
+    if not (run / "stage2" / "hypernet" / "hypernet.json").is_file():
+        run_gin([GIN], common(args) + [
+            "tagi_pipeline.stages = ('stage2',)", "stage2/TAGIDistillation.w_ins = 0.0", "HypernetConfig.fusion = True",
+            "stage2/make_optimizer.lr_multipliers = {}", "make_optimizer.schedule = 'constant'",
+            f"tagi_data.max_instances = {args.train_instances}", f"tagi_data.max_tasks = {args.max_train_tasks}",
+            f"tagi_data.teacher_topk = '{work / 'teacher_topk.npz'}'",
+            f"tagi_data.batch_size = {args.batch_size}", f"tagi_data.tasks_per_batch = {args.tasks_per_batch}",
+            f"NUM_STEPS = {args.probe_steps}", f"LEARNING_RATE = {args.probe_lr}", "WARMUP_STEPS = 5"], run)
+    rows = [json.loads(line) for line in (run / "stage2" / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line and '"eval/' not in line]
+    for r in (rows[0], rows[-1]):
+        ratio = max(v for k, v in r.items() if k.startswith("dw_ratio/"))
+        print(f"[probe lr {args.probe_lr}] step {r['step']}: loss {r['loss']:.3f} (ce {r['loss_ce']:.3f}, "
+              f"kl {r['loss_kl']:.3f}), max dw_ratio {ratio:.3f}, task_share {r['task_share']:.3f}", flush=True)
+
+
 def phase_eval(work: Path, args: argparse.Namespace) -> None:
     cmd = [sys.executable, "-m", "jaxlm.cli", "eval", f"--gin_file={EVAL_GIN}", f"--workdir={work / 'eval'}",
            f"--gin.TEACHERS_A='{work / 'teachers_a/teachers/teachers'}'",
@@ -149,6 +174,8 @@ def main() -> None:
     p.add_argument("--max_instruction_len", type=int, default=384, help="instruction tokens (default 384)")
     p.add_argument("--topk", type=int, default=32, help="teacher log-probs kept per target token (default 32)")
     p.add_argument("--checkpoint_every", type=int, default=25, help="steps between checkpoints (default 25)")
+    p.add_argument("--probe_steps", type=int, default=60, help="steps of the lr probe phase (default 60)")
+    p.add_argument("--probe_lr", type=float, default=1e-3, help="the lr probe's learning rate (default 1e-3)")
     p.add_argument("--eval_instances", type=int, default=100, help="instances per test task (default 100)")
     p.add_argument("--max_new_tokens", type=int, default=64, help="generated tokens (default 64)")
     args = p.parse_args()
@@ -159,7 +186,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     phases = {"topk": lambda: phase_topk(work, args), "teachers": lambda: phase_teachers(work, args),
               "tagi": lambda: phase_tagi(work, args, fusion=False),
-              "tagi_fusion": lambda: phase_tagi(work, args, fusion=True), "eval": lambda: phase_eval(work, args)}
+              "tagi_fusion": lambda: phase_tagi(work, args, fusion=True), "eval": lambda: phase_eval(work, args),
+              "probe": lambda: phase_probe(work, args)}
     for phase in args.phases.split(","):
         if phase not in phases:
             raise SystemExit(f"superni_study.py: error: --phases: unknown phase {phase!r} (known: {', '.join(phases)})")
