@@ -288,6 +288,37 @@ def test_cached_topk_teacher_keeps_the_last_max_input_len_tokens(tmp_path):
     assert not np.allclose(uncut[1][0, :t], logp[0, :t])  # the cut changes the teacher's context
 
 
+def test_cached_topk_resumes_from_finished_tasks(tmp_path):
+    """A run killed after some tasks keeps them in <path>.parts/; the rerun reads them instead of
+    recomputing and writes the same file as an uninterrupted run; the parts are then removed."""
+    import dataclasses
+
+    from jaxlm.checkpoints.pretrained import Pretrained
+    from jaxlm.errors import ConfigError
+    from jaxlm.train.tagi import write_teacher_topk
+
+    _, frozen = _objective().init(jax.random.PRNGKey(0))
+    teacher = Pretrained("llama", TINY, frozen["base"], None, "tiny")
+    tasks = tt.rewrite_tagi_tasks(RULES)[:3]
+    kw = {"k": 4, "max_targets": 4, "batch_size": 2}
+    broken = [tasks[0], dataclasses.replace(tasks[1], teacher=None), tasks[2]]
+    with pytest.raises(ConfigError, match="no teacher rows"):
+        write_teacher_topk(tmp_path / "topk.npz", broken, teacher, **kw)
+    part = tmp_path / "topk.npz.parts" / "00000.npz"
+    assert part.is_file() and not (tmp_path / "topk.npz").exists()
+    with np.load(part) as z:  # mark the kept part: the rerun must read it, not recompute it
+        marked = {key: z[key] for key in z.files}
+    marked["logprobs"] = marked["logprobs"] - 1.0
+    np.savez(part, **marked)
+    resumed = tb.load_teacher_topk(write_teacher_topk(tmp_path / "topk.npz", tasks, teacher, **kw))
+    clean = tb.load_teacher_topk(write_teacher_topk(tmp_path / "clean.npz", tasks, teacher, **kw))
+    np.testing.assert_allclose(resumed[tasks[0].name][1], clean[tasks[0].name][1] - 1.0)  # read from the part
+    for t in tasks[1:]:
+        for got, want in zip(resumed[t.name], clean[t.name]):
+            np.testing.assert_array_equal(got, want)
+    assert not (tmp_path / "topk.npz.parts").exists() and not (tmp_path / "clean.npz.parts").exists()
+
+
 def test_t5_with_instruction_fusion_trains_and_paper_config_builds():
     """Encoder-decoder path: grouped encoder/decoder rows, fused instruction states, in-step KL; and
     the paper-faithful gin (frozen T5, LoRA r32 on q/v, fusion) builds its objective."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -570,6 +571,9 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
       max_input_len: a teacher input longer than this keeps its LAST max_input_len tokens (the batches'
         rule, jaxlm.data.batches); None keeps it whole.
 
+    Resumable: each finished task is kept in `<path>.parts/` (removed once `path` is written); a rerun
+    with the same tasks and settings skips them.
+
     Returns:
       The written path.
 
@@ -594,10 +598,24 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
 
     arrays: dict[str, np.ndarray] = {}
     tasks = list(tasks)
+    # A killed run resumes: each finished task is kept in PATH.parts/<i>.npz until the whole file is written.
+    parts = Path(str(path) + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    settings = f"{len(tasks)} {k} {max_targets} {max_input_len} {[t.name for t in tasks]}"
+    if (parts / "settings.txt").is_file() and (parts / "settings.txt").read_text() != settings:
+        shutil.rmtree(parts)  # written for other tasks or settings: start over
+        parts.mkdir(parents=True)
+    (parts / "settings.txt").write_text(settings)
     bar = progress.bar(sum(t.teacher.num_examples for t in tasks if t.teacher is not None), "teacher top-k", "row")
-    for task in tasks:
+    for i, task in enumerate(tasks):
         if task.teacher is None:
             raise ConfigError(f"write_teacher_topk: task {task.name!r} has no teacher rows")
+        part = parts / f"{i:05d}.npz"
+        if part.is_file():
+            with np.load(part) as z:
+                arrays.update({f"{task.name}/{key}": z[key] for key in ("ids", "logprobs", "valid")})
+            bar.update(task.teacher.num_examples)
+            continue
         n = task.teacher.num_examples
         ids_out = np.zeros((n, max_targets, k), np.int32)
         lp_out = np.zeros((n, max_targets, k), np.float32)
@@ -623,8 +641,12 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
             lp_out[start:start + count] = np.asarray(values)[:count]
             bar.update(count)
         arrays.update({f"{task.name}/ids": ids_out, f"{task.name}/logprobs": lp_out, f"{task.name}/valid": valid})
+        write_atomically(part, lambda f, a=(ids_out, lp_out, valid): np.savez(f, ids=a[0], logprobs=a[1], valid=a[2]),
+                         binary=True)
     bar.close()
-    return write_atomically(Path(path), lambda f: np.savez(f, **arrays), binary=True)
+    out = write_atomically(Path(path), lambda f: np.savez(f, **arrays), binary=True)
+    shutil.rmtree(parts)
+    return out
 
 
 def _common_modules(student: PyTree, teacher: PyTree) -> tuple[dict, dict]:
