@@ -440,34 +440,25 @@ def place_tensor(value: np.ndarray, sharding: Any, dtype: Any) -> Any:
     return jax.make_array_from_callback(tuple(value.shape), sharding, slice_of, dtype=dtype)
 
 
-class ParamTensors(Mapping[str, np.ndarray]):
+class ParamTensors(LazyTensors):
     """Our param tree seen as {HF name: (out, in) array in `dtype`}, each converted on access (a
     device array is gathered to host then, one at a time); `spec(name)` gives shape and dtype
     without converting. What `convert_from_params` returns and `write_dir` streams to disk."""
 
     def __init__(self, params: Mapping[str, Any], hf_name: Callable[[tuple[str, ...]], str], dtype: Any):
         self.dtype = np.dtype(dtype)
-        self.paths = {hf_name(path): (path, value) for path, value in flatten(params).items()}
+        self.entries = {hf_name(path): (path, value) for path, value in flatten(params).items()}
 
     def spec(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """(HF-order shape, stored dtype) of tensor `name`, nothing converted."""
-        path, value = self.paths[name]
+        path, value = self.entries[name]
         shape = tuple(np.shape(value))
         return (shape[::-1] if path[-1] == "kernel" else shape), self.dtype
 
     def __getitem__(self, name: str) -> np.ndarray:
-        path, value = self.paths[name]
+        path, value = self.entries[name]
         value = np.asarray(value).astype(self.dtype)
         return value.T if path[-1] == "kernel" else value
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.paths
-
-    def __iter__(self):
-        return iter(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
 
 def convert_from_params(

@@ -108,8 +108,7 @@ class EvalContext:
           (or `keep_last` last ones).
         """
         ids = self.tokenize(text)
-        ids = ids[len(ids) - keep_last:] if keep_last is not None and len(ids) > keep_last else \
-            ids if keep_last is not None else ids[: self.max_source_length]
+        ids = ids[: self.max_source_length] if keep_last is None else ids[max(0, len(ids) - keep_last):]
         return [*(prefix_ids or ()), *ids]
 
     def get_embedder(self) -> Any:

@@ -106,16 +106,22 @@ def phase_teachers(work: Path, args: argparse.Namespace) -> None:
             f"NUM_STEPS = {args.teacher_steps}", "LEARNING_RATE = 1e-3", "WARMUP_STEPS = 10"], run)
 
 
-def phase_tagi(work: Path, args: argparse.Namespace, fusion: bool) -> None:
-    run = work / ("tagi_fusion" if fusion else "tagi")
-    if (run / "stage2" / "hypernet" / "hypernet.json").is_file():
-        return
-    run_gin([GIN], common(args) + [
+def stage2_bindings(work: Path, args: argparse.Namespace, fusion: bool, steps: int, lr: float,
+                    warmup: int) -> list[str]:
+    """Stage 2 alone (L_ce + L_kl from the cached top-k, no L_ins) on the training tasks."""
+    return common(args) + [
         "tagi_pipeline.stages = ('stage2',)", "stage2/TAGIDistillation.w_ins = 0.0", f"HypernetConfig.fusion = {fusion}",
         f"tagi_data.max_instances = {args.train_instances}", f"tagi_data.max_tasks = {args.max_train_tasks}",
         f"tagi_data.teacher_topk = '{work / 'teacher_topk.npz'}'",
         f"tagi_data.batch_size = {args.batch_size}", f"tagi_data.tasks_per_batch = {args.tasks_per_batch}",
-        f"NUM_STEPS = {args.steps}", f"LEARNING_RATE = {args.lr}", "WARMUP_STEPS = 30"], run)
+        f"NUM_STEPS = {steps}", f"LEARNING_RATE = {lr}", f"WARMUP_STEPS = {warmup}"]
+
+
+def phase_tagi(work: Path, args: argparse.Namespace, fusion: bool) -> None:
+    run = work / ("tagi_fusion" if fusion else "tagi")
+    if (run / "stage2" / "hypernet" / "hypernet.json").is_file():
+        return
+    run_gin([GIN], stage2_bindings(work, args, fusion, args.steps, args.lr, 30), run)
 
 
 def phase_probe(work: Path, args: argparse.Namespace) -> None:
@@ -126,13 +132,8 @@ def phase_probe(work: Path, args: argparse.Namespace) -> None:
 
     run = work / "probe_lr"
     if not (run / "stage2" / "hypernet" / "hypernet.json").is_file():
-        run_gin([GIN], common(args) + [
-            "tagi_pipeline.stages = ('stage2',)", "stage2/TAGIDistillation.w_ins = 0.0", "HypernetConfig.fusion = True",
-            "stage2/make_optimizer.lr_multipliers = {}", "make_optimizer.schedule = 'constant'",
-            f"tagi_data.max_instances = {args.train_instances}", f"tagi_data.max_tasks = {args.max_train_tasks}",
-            f"tagi_data.teacher_topk = '{work / 'teacher_topk.npz'}'",
-            f"tagi_data.batch_size = {args.batch_size}", f"tagi_data.tasks_per_batch = {args.tasks_per_batch}",
-            f"NUM_STEPS = {args.probe_steps}", f"LEARNING_RATE = {args.probe_lr}", "WARMUP_STEPS = 5"], run)
+        run_gin([GIN], stage2_bindings(work, args, True, args.probe_steps, args.probe_lr, 5) + [
+            "stage2/make_optimizer.lr_multipliers = {}", "make_optimizer.schedule = 'constant'"], run)
     rows = [json.loads(line) for line in (run / "stage2" / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line and '"eval/' not in line]
     for r in (rows[0], rows[-1]):
