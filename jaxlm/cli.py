@@ -43,11 +43,12 @@ MIN_COMPILE_SECONDS = 0.2
 
 
 def default_compilation_cache_dir() -> Path:
-    """$JAXLM_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/jaxlm/jax_compilation (~/.cache by default)."""
+    """$JAXLM_COMPILATION_CACHE_DIR, else `files.user_cache_dir("jax_compilation")` (~/.cache/jaxlm/...)."""
+    from jaxlm.files import user_cache_dir
+
     if os.environ.get("JAXLM_COMPILATION_CACHE_DIR"):
         return Path(os.environ["JAXLM_COMPILATION_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "jaxlm" / "jax_compilation"
+    return user_cache_dir("jax_compilation")
 
 
 def enable_compilation_cache(directory: str | Path | None) -> Path | None:

@@ -1,7 +1,7 @@
 """Files and directories a run writes: atomic writes (a reader, or a resumed run, never sees half a
 file), local run directories (`local_dir`: URL-style paths refused), output directories checked before
 any compute (`writable_dir`), the exclusive lock of a run directory (`RunLock`: two processes never
-write one workdir), and the task-data root (`data_root`).
+write one workdir), the task-data root (`data_root`) and the per-user caches (`user_cache_dir`).
 
 `write_atomically` is the one helper behind every single-file cache and artefact (ICIL demo sets,
 embedding shards, tokenized-task caches). Directory artefacts (HF exports, PEFT adapters) use the same
@@ -62,6 +62,15 @@ def write_dir_atomically(path: str | Path, fill: Callable[[Path], None]) -> Path
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def user_cache_dir(name: str) -> Path:
+    """The per-user cache directory `name` (not created): $JAXLM_CACHE_DIR/name, else
+    $XDG_CACHE_HOME/jaxlm/name, else ~/.cache/jaxlm/name. Entries there are derived data that a
+    process may rebuild at any time (compiled programs, GGUF header indexes)."""
+    if os.environ.get("JAXLM_CACHE_DIR"):
+        return Path(os.environ["JAXLM_CACHE_DIR"]) / name
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxlm" / name
 
 
 def local_dir(path: str | os.PathLike, flag: str) -> Path:

@@ -9,6 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAXLM_COMPILATION_CACHE", "0")  # in-process CLI tests: no writes to ~/.cache
+if "JAXLM_CACHE_DIR" not in os.environ:  # per-user caches (GGUF header indexes) in a session temp dir
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAXLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXLM_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 

@@ -189,11 +189,9 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
     """
     p = resolve_path(path)
     if p.is_file() and p.suffix == ".gguf":
-        import gguf
+        from jaxlm.checkpoints.gguf import read_header
 
-        from jaxlm.checkpoints.gguf import read_fields
-
-        return Tokenizer.from_gguf_fields(read_fields(gguf.GGUFReader(str(p))), str(p))
+        return Tokenizer.from_gguf_fields(read_header(p)[0], str(p))
     if p.is_dir():
         config_file = p / "config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
