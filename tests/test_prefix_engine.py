@@ -170,3 +170,20 @@ def test_prefix_cache_under_a_device_mesh_equals_recomputing_on_one_device(llama
     assert any(k[0] == "score_prefix" for k in sharded.compiled_shapes)
     assert [r.output_ids for r in sharded.generate(rows, 6, **kw)] == [r.output_ids for r in plain.generate(rows, 6, **kw)]
     assert any(k[0] == "generate_prefix" for k in sharded.compiled_shapes)
+
+
+def test_every_chunk_continues_from_one_padded_prefix_shape(llama):
+    """Six prefix groups at batch 4 (chunks of 4 and 2 prefixes, heads of 18-45 tokens: slot buckets 32
+    and 64): every chunk's cache is padded to 4 prefixes x 64 slots, so the continuing programs
+    compile once per continuation width, and scores and greedy ids still equal recomputing."""
+    rng = np.random.default_rng(7)
+    heads = [rng.integers(3, 128, n).tolist() for n in (45, 40, 33, 30, 20, 18)]
+    rows = [h + rng.integers(3, 128, int(rng.integers(1, 5))).tolist() for h in heads for _ in range(2)]
+    examples = [(r, rng.integers(3, 128, 3).tolist()) for r in rows]
+    cached, plain = Engine(llama, **SHAPE), Engine(llama, prefix_cache=False, **SHAPE)
+    for g, w in zip(cached.score(examples), plain.score(examples)):
+        np.testing.assert_allclose(g.token_logprobs, w.token_logprobs, rtol=1e-5, atol=1e-5)
+    assert [r.output_ids for r in cached.generate(rows, 5)] == [r.output_ids for r in plain.generate(rows, 5)]
+    continued = [k for k in cached.compiled_shapes if k[0] in ("score_prefix", "generate_prefix")]
+    assert {k[1] for k in continued} == {(4, 64)}
+    assert len([k for k in cached.compiled_shapes if k[0] == "prefix"]) == 2  # the chunks' own prefix runs

@@ -427,8 +427,15 @@ class Engine:
             return self.batch_size
         return bucket_length(num_prefixes, powers_of_two(self.batch_size))
 
-    def _run_prefixes(self, chunk, first_tokens, lora, idx, lora_key):
-        """Runs a chunk's prefixes once: (device cache (Gb, ... T slots), lengths (Gb,), T, Gb)."""
+    def _prefix_slots(self, chunks) -> int:
+        """The slots every chunk's prefix cache is padded to: the bucket of the sweep's longest prefix."""
+        return bucket_length(max(length for chunk in chunks for length, _ in chunk), self.buckets)
+
+    def _run_prefixes(self, chunk, first_tokens, lora, idx, lora_key, slots: int):
+        """Runs a chunk's prefixes once: (device cache (Gb, ... T slots), lengths (Gb,), T, Gb). Without a
+        mesh the cache is then padded to batch_size prefixes of `slots` slots (`prefix.pad_prefixes`:
+        exact), so the programs continuing from every chunk share one shape per continuation width
+        (each shape costs ~2 s of tracing and loading even with a warm compilation cache)."""
         gb = self._prefix_batch(len(chunk))
         rows = self._fill_to([list(first_tokens(members[0])[:length]) for length, members in chunk], gb)
         width = bucket_length(max(length for length, _ in chunk), self.buckets)
@@ -437,6 +444,9 @@ class Engine:
         placed = self._place(ids, mask, *(() if adapters is None else (adapters,)))
         cache, lengths = self._call(("prefix", ids.shape, lora_key), _prefixer(self.model), self.params,
                                     placed[0], placed[1], lora, placed[2] if adapters is not None else None)
+        if self.mesh is None:
+            cache, lengths = prefix_lib.pad_prefixes(cache, lengths, self.batch_size, max(slots, width))
+            gb, width = self.batch_size, max(slots, width)
         return cache, lengths, width, gb
 
     def _fill_to(self, rows: list[Any], n: int) -> list[Any]:
@@ -551,8 +561,10 @@ class Engine:
         fn = _prefix_scorer(self.model)
         lora_key = _lora_signature(lora, idx is not None)
         done: set[int] = set()
-        for chunk in self._prefix_chunks([inp[:-1] for inp, _ in seqs], idx):
-            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: seqs[i][0], lora, idx, lora_key)
+        chunks = self._prefix_chunks([inp[:-1] for inp, _ in seqs], idx)
+        for chunk in chunks:
+            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: seqs[i][0], lora, idx, lora_key,
+                                                                self._prefix_slots(chunks))
             slot_of = {i: g for g, (_, members) in enumerate(chunk) for i in members}
             cut = {i: length for length, members in chunk for i in members}
             conts = {i: (seqs[i][0][cut[i]:], seqs[i][1]) for i in slot_of}
@@ -807,8 +819,10 @@ class Engine:
         fn = _prefix_generator(self.model, *options)
         lora_key = _lora_signature(lora, idx is not None)
         done: set[int] = set()
-        for chunk in self._prefix_chunks([list(p[:-1]) for p in prompts], idx):
-            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: prompts[i], lora, idx, lora_key)
+        chunks = self._prefix_chunks([list(p[:-1]) for p in prompts], idx)
+        for chunk in chunks:
+            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: prompts[i], lora, idx, lora_key,
+                                                                self._prefix_slots(chunks))
             slot_of = {i: g for g, (_, members) in enumerate(chunk) for i in members}
             conts = {i: list(prompts[i][length:]) for length, members in chunk for i in members}
             lengths = {i: len(c) for i, c in conts.items()}

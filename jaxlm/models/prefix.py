@@ -82,6 +82,33 @@ def with_free_slots(cache: Cache, extra_slots: int) -> Cache:
     return jax.tree_util.tree_map(pad, cache)
 
 
+def pad_prefixes(cache: Cache, length_G: Array, rows: int, slots: int) -> tuple[Cache, Array]:
+    """A (G, ... S slots) prefix cache and its lengths padded to `rows` prefixes of `slots` slots:
+    added rows are empty (length 0, never gathered), added slots masked out with zero keys/values,
+    so every row that continues from it computes what it did from the unpadded cache. Callers pad
+    the prefixes of one sweep to one shape, so the programs that continue from them compile once.
+
+    Args:
+      cache: {'kv_mask': (G, S), 'layers_i': {'k', 'v'}: (G, K, S, Dh)}.
+      length_G: (G,) int32 real prefix lengths.
+      rows: >= G prefixes.
+      slots: >= S slots.
+
+    Returns:
+      (cache (rows, ... slots), lengths (rows,)).
+    """
+    g, s = cache["kv_mask"].shape
+    if (rows, slots) == (g, s):
+        return cache, length_G
+
+    def pad(x):
+        widths = [(0, rows - g)] + [(0, 0)] * (x.ndim - 1)
+        widths[1 if x.ndim == 2 else 2] = (0, slots - s)  # kv_mask (G, S); keys/values (G, K, S, Dh)
+        return jnp.pad(x, widths)
+
+    return jax.tree_util.tree_map(pad, cache), jnp.pad(length_G, (0, rows - g))
+
+
 def continue_from_prefix(model: Llama, params: Any, cache_B: Cache, prefix_length_B: Array, ids_BxL: Array,
                          mask_BxL: Array | None = None, positions_BxL: Array | None = None, *,
                          lora: LoraWeights | None = None, gather_index: Array | None = None,
