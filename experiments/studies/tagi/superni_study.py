@@ -50,18 +50,22 @@ def run_gin(files: list[str], bindings: list[str], workdir: Path) -> None:
     print(f"[{workdir.name}] {time.time() - t:.0f}s loss {out.get('loss')}", flush=True)
 
 
-# Length buckets of the training batches: input, target and instruction widths each pad to one of
-# these, so a phase compiles at most a handful of step programs (with the default 16..512 buckets the
-# input x instruction combinations reach dozens, at ~1-2 min of compile each on 2 cores). Super-NI
-# training rows: query median 53 tokens (90%: 160), target median 4 (90%: 20), instruction median 168
-# (90%: 419, cut to --max_instruction_len).
-TRAIN_BUCKETS = (32, 128, 256, 384)
+def train_buckets(args: argparse.Namespace) -> tuple[int, ...]:
+    """Length buckets of the training batches: a decoder row (query + target) and an instruction each
+    pad to one of these, so a phase compiles at most a handful of step programs (with the default
+    16..512 buckets the row x instruction combinations reach dozens, at ~1-2 min of compile each on 2
+    cores). The last bucket holds the longest row and instruction exactly: a row one past a bucket
+    would pad to a multiple of the largest (a 416-token row to 768 doubles the step's memory, ~28 GB).
+    Super-NI training rows: query median 53 tokens (90%: 160), target median 4 (90%: 20), instruction
+    median 168 (90%: 419, cut to --max_instruction_len)."""
+    top = max(args.max_input_len + args.max_target_len, args.max_instruction_len)
+    return tuple(b for b in (64, 128, 256) if b < top) + (top,)
 
 
 def common(args: argparse.Namespace) -> list[str]:
     """Bindings every training phase shares (lengths, buckets, data root, logging, checkpoints for resuming)."""
     data = f"'{args.data_dir}'" if args.data_dir else "None"
-    return [f"DATA_DIR = {data}", f"tagi_data.buckets = {TRAIN_BUCKETS}", f"tagi_data.max_input_len = {args.max_input_len}",
+    return [f"DATA_DIR = {data}", f"tagi_data.buckets = {train_buckets(args)}", f"tagi_data.max_input_len = {args.max_input_len}",
             f"tagi_data.max_target_len = {args.max_target_len}",
             f"tagi_data.max_instruction_len = {args.max_instruction_len}",
             "train.log_every = 10", f"train.checkpoint_every = {args.checkpoint_every}"]
