@@ -203,27 +203,26 @@ def _gguf_version() -> str:
     return version("gguf")  # the index holds this version's parse
 
 
-def _header_digest(path: Path, length: int) -> str:
-    with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(length), digest_size=32).hexdigest()
+def _digest(header: np.ndarray) -> str:
+    return hashlib.blake2b(header.tobytes(), digest_size=32).hexdigest()
 
 
 def _read_index(path: Path) -> tuple[dict[str, Any], list[tuple[str, IndexedTensor]]] | None:
     """(fields, [(GGUF tensor name, tensor)]) from the index of `path`, or None when there is none or
-    it no longer matches the file's header bytes (anything unreadable counts as no index)."""
-    import gguf
-
-    index = _index_file(path)
-    if index is None or not index.is_file():
-        return None
+    it no longer matches the file's header bytes (anything unreadable counts as no index). The hash
+    is taken over the very mapping the tensors are then read from."""
     try:
+        import gguf
+
+        index = _index_file(path)
+        if index is None or not index.is_file():
+            return None
         meta = json.loads(index.read_text(encoding="utf-8"))
         if meta["format"] != INDEX_FORMAT or meta["gguf"] != _gguf_version():
             return None
-        size = path.stat().st_size
-        if size != meta["size"] or _header_digest(path, meta["header_bytes"]) != meta["header_digest"]:
-            return None
         whole = np.memmap(path, mode="r")
+        if whole.size != meta["size"] or _digest(whole[:meta["header_bytes"]]) != meta["header_digest"]:
+            return None
         tensors = []
         for t in meta["tensors"]:
             dtype = np.dtype(t["dtype"])
@@ -231,30 +230,32 @@ def _read_index(path: Path) -> tuple[dict[str, Any], list[tuple[str, IndexedTens
             data = whole[t["offset"]:t["offset"] + count * dtype.itemsize].view(dtype).reshape(t["data_shape"])
             tensors.append((t["name"], IndexedTensor(gguf.GGMLQuantizationType(t["type"]), tuple(t["shape"]), data)))
         return meta["fields"], tensors
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None
 
 
 def _write_index(path: Path, reader: Any, fields: dict[str, Any]) -> None:
-    """Keep the parsed header of `path` for the next process (best effort: a read-only cache
-    directory, a byte-swapped file or metadata JSON cannot hold is simply not indexed)."""
+    """Keep the parsed header of `path` for the next process (best effort: a read-only or missing
+    cache directory, a byte-swapped file or metadata JSON cannot hold is simply not indexed). Size
+    and hash come from the reader's own mapping, so a file replaced meanwhile is never described by
+    another file's parse."""
     from jaxlm.files import write_atomically
 
-    index = _index_file(path)
-    if index is None or reader.byte_order != "I":
-        return
-    meta = {"format": INDEX_FORMAT, "gguf": _gguf_version(), "size": path.stat().st_size,
-            "header_bytes": int(reader.data_offset), "header_digest": _header_digest(path, int(reader.data_offset)),
-            "fields": fields,
-            "tensors": [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
-                         "offset": int(t.data_offset), "dtype": t.data.dtype.str, "data_shape": list(t.data.shape)}
-                        for t in reader.tensors]}
     try:
+        index = _index_file(path)
+        if index is None or reader.byte_order != "I":
+            return
+        header = int(reader.data_offset)
+        meta = {"format": INDEX_FORMAT, "gguf": _gguf_version(), "size": int(reader.data.size),
+                "header_bytes": header, "header_digest": _digest(reader.data[:header]), "fields": fields,
+                "tensors": [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
+                             "offset": int(t.data_offset), "dtype": t.data.dtype.str, "data_shape": list(t.data.shape)}
+                            for t in reader.tensors]}
         text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
         if json.loads(text)["fields"] != fields:  # a value JSON would change (a tuple, a NaN): no index
             return
         write_atomically(index, lambda f: f.write(text))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RuntimeError):
         return
 
 
