@@ -182,7 +182,7 @@ def main() -> None:
     p.add_argument("--tasks_per_batch", type=int, default=2, help="stage-2 tasks per step (default 2)")
     p.add_argument("--teacher_steps", type=int, default=100,
                    help="steps of each teacher fold (default 100: one pass over the fold's 16 x 50 rows at batch 8; "
-                        "a step is ~25-30 s on 2 shared cores)")
+                        "a step is ~17-20 s on the 2 cores)")
     p.add_argument("--max_input_len", type=int, default=384, help="student input tokens (default 384)")
     p.add_argument("--teacher_input_len", type=int, default=992,
                    help="KL teacher input tokens (default 992: with 32 target tokens a row fits 1,024)")
