@@ -290,7 +290,8 @@ def test_cached_topk_teacher_keeps_the_last_max_input_len_tokens(tmp_path):
 
 def test_cached_topk_resumes_from_finished_tasks(tmp_path):
     """A run killed after some tasks keeps them in <path>.parts/; the rerun reads them instead of
-    recomputing and writes the same file as an uninterrupted run; the parts are then removed."""
+    recomputing and writes the same file as an uninterrupted run; the parts are then removed. A run
+    with another teacher starts over."""
     import dataclasses
 
     from jaxlm.checkpoints.pretrained import Pretrained
@@ -309,6 +310,15 @@ def test_cached_topk_resumes_from_finished_tasks(tmp_path):
     with np.load(part) as z:  # mark the kept part: the rerun must read it, not recompute it
         marked = {key: z[key] for key in z.files}
     marked["logprobs"] = marked["logprobs"] - 1.0
+    np.savez(part, **marked)
+    # another teacher (here: another source) never reads the parts: it starts over and recomputes
+    other = write_teacher_topk(tmp_path / "topk.npz", tasks, dataclasses.replace(teacher, source="tiny-other"), **kw)
+    assert not (tmp_path / "topk.npz.parts").exists()
+    with np.load(other) as z:
+        assert not np.allclose(z[f"{tasks[0].name}/logprobs"], marked["logprobs"])
+    (tmp_path / "topk.npz").unlink()
+    with pytest.raises(ConfigError, match="no teacher rows"):
+        write_teacher_topk(tmp_path / "topk.npz", broken, teacher, **kw)
     np.savez(part, **marked)
     resumed = tb.load_teacher_topk(write_teacher_topk(tmp_path / "topk.npz", tasks, teacher, **kw))
     clean = tb.load_teacher_topk(write_teacher_topk(tmp_path / "clean.npz", tasks, teacher, **kw))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -607,7 +608,12 @@ def write_teacher_topk(path: str | Path, tasks: Any, pretrained: Pretrained, *, 
     # A killed run resumes: each finished task is kept in PATH.parts/<i>.npz until the whole file is written.
     parts = Path(str(path) + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    settings = f"{len(tasks)} {k} {max_targets} {max_input_len} {[t.name for t in tasks]}"
+    # Parts are reused only for the same teacher (its source, config and adapter values) and settings.
+    adapter = hashlib.sha1()
+    for leaf in jax.tree_util.tree_leaves(None if lora is None else lora.params):
+        adapter.update(np.asarray(leaf).tobytes())
+    settings = (f"{len(tasks)} {k} {max_targets} {max_input_len} {[t.name for t in tasks]} {pretrained.source} "
+                f"{pretrained.config!r} {None if lora is None else (lora.rank, lora.alpha, adapter.hexdigest())}")
     if (parts / "settings.txt").is_file() and (parts / "settings.txt").read_text() != settings:
         shutil.rmtree(parts)  # written for other tasks or settings: start over
         parts.mkdir(parents=True)
