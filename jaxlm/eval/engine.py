@@ -429,7 +429,7 @@ class Engine:
 
     def _prefix_slots(self, chunks) -> int:
         """The slots every chunk's prefix cache is padded to: the bucket of the sweep's longest prefix."""
-        return bucket_length(max(length for chunk in chunks for length, _ in chunk), self.buckets)
+        return bucket_length(max((length for chunk in chunks for length, _ in chunk), default=1), self.buckets)
 
     def _run_prefixes(self, chunk, first_tokens, lora, idx, lora_key, slots: int):
         """Runs a chunk's prefixes once: (device cache (Gb, ... T slots), lengths (Gb,), T, Gb). Without a
@@ -562,9 +562,9 @@ class Engine:
         lora_key = _lora_signature(lora, idx is not None)
         done: set[int] = set()
         chunks = self._prefix_chunks([inp[:-1] for inp, _ in seqs], idx)
+        slots = self._prefix_slots(chunks)
         for chunk in chunks:
-            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: seqs[i][0], lora, idx, lora_key,
-                                                                self._prefix_slots(chunks))
+            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: seqs[i][0], lora, idx, lora_key, slots)
             slot_of = {i: g for g, (_, members) in enumerate(chunk) for i in members}
             cut = {i: length for length, members in chunk for i in members}
             conts = {i: (seqs[i][0][cut[i]:], seqs[i][1]) for i in slot_of}
@@ -820,9 +820,9 @@ class Engine:
         lora_key = _lora_signature(lora, idx is not None)
         done: set[int] = set()
         chunks = self._prefix_chunks([list(p[:-1]) for p in prompts], idx)
+        slots = self._prefix_slots(chunks)
         for chunk in chunks:
-            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: prompts[i], lora, idx, lora_key,
-                                                                self._prefix_slots(chunks))
+            cache, prefix_len, t_width, gb = self._run_prefixes(chunk, lambda i: prompts[i], lora, idx, lora_key, slots)
             slot_of = {i: g for g, (_, members) in enumerate(chunk) for i in members}
             conts = {i: list(prompts[i][length:]) for length, members in chunk for i in members}
             lengths = {i: len(c) for i, c in conts.items()}
